@@ -1,0 +1,752 @@
+"""LLMD4Rec: bidirectional knowledge distillation between SASRec and an LLM-centric recommender.
+
+Paper: Wu et al., "Bidirectional Knowledge Distillation for Enhancing Sequential Recommendation with
+Large Language Models", https://arxiv.org/abs/2505.18120 (2025).
+
+A conventional recommender (CRM, SASRec) and an LLM-centric recommender (E4SRec-style: the CRM's item
+embeddings enter the LLM as soft tokens, a new layer W_out scores every item) are trained in turns.
+Downward, the frozen CRM teaches the LLM (L_down); upward, the frozen LLM teaches the CRM (L_up). Each
+sample is weighted by how much better the teacher ranks the true item than the student (w1, w2).
+After training SASRec is served alone: LLMD4Rec_C costs exactly what SASRec costs at inference.
+
+Notation (paper -> code):
+    E_c                  SASRec item embeddings            SASRec.item_emb / LLMScorer.E_c (frozen copy)
+    W_in, W_out          soft-token projection, item head  LLMScorer.W_in, LLMScorer.W_out
+    z_c, z_l             CRM / LLM logits over items       logits returned by .score()
+    T1, T2               temperatures (down / up)          Config.T1, Config.T2
+    lambda1, lambda2     distillation weights              Config.lambda1, Config.lambda2
+    r_c, r_l             rank of the true item (0 = top)   ranks()
+    w1, w2               sample-wise adaptive weights      adaptive_weights()
+    L_down, L_up         KL(p_c || p_l), KL(p_l || p_c)    kd_loss(student, teacher, T)
+
+Run:
+    python llmd4rec.py                                    # synthetic data, seconds on a laptop CPU
+    python llmd4rec.py --data Beauty.txt --out runs/beauty
+    python llmd4rec.py --help
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+def arg(default, help):
+    """A Config field whose help text becomes the flag's --help line."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # data and run
+    data: str = arg("synthetic", "dataset file ('user item item ...' a line, or 'user item' pairs), or 'synthetic'")
+    out: str = arg("runs/default", "folder for results.json, config.json and checkpoint.pt")
+    overwrite: bool = arg(False, "allow replacing the results of an earlier run in --out")
+    resume: bool = arg(False, "continue the interrupted run in --out from its last finished stage")
+    seed: int = arg(0, "seed for data generation, initialisation, shuffling and dropout")
+    device: str = arg("auto", "auto | cpu | cuda (auto picks CUDA when present)")
+    max_len: int = arg(50, "history length: only the last max_len items of a history are used")
+    exclude_seen: bool = arg(False, "evaluation: do not rank items already in the user's history")
+    batch_size: int = arg(128, "training sequences per batch")
+    patience: int = arg(3, "early stopping: epochs without a better validation NDCG@10")
+    # CRM: SASRec
+    d: int = arg(64, "SASRec width (item embedding size d)")
+    crm_blocks: int = arg(2, "SASRec self-attention blocks")
+    crm_heads: int = arg(1, "SASRec attention heads")
+    crm_dropout: float = arg(0.3, "SASRec dropout")
+    crm_lr: float = arg(2e-3, "SASRec learning rate (Adam)")
+    crm_epochs: int = arg(40, "SASRec epochs per stage, at most (early stopping)")
+    # LLM-centric recommender (E4SRec-style)
+    llm: str = arg("tiny", "'tiny' (small random decoder, trained fully) or a Hugging Face name/folder (LoRA)")
+    llm_dim: int = arg(128, "tiny backbone: hidden size D")
+    llm_layers: int = arg(2, "tiny backbone: decoder layers")
+    llm_heads: int = arg(4, "tiny backbone: attention heads")
+    llm_dropout: float = arg(0.1, "dropout on the soft tokens (and attention, for tiny)")
+    llm_lr: float = arg(1e-3, "LLM-side learning rate (E4SRec used 3e-4 with LoRA on a pretrained LLM)")
+    llm_epochs: int = arg(10, "LLM epochs per stage, at most (early stopping); 0 = no LLM stage")
+    lora_r: int = arg(16, "LoRA rank (pretrained --llm only)")
+    lora_alpha: float = arg(16.0, "LoRA alpha (pretrained --llm only)")
+    lora_dropout: float = arg(0.05, "LoRA dropout (pretrained --llm only)")
+    lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj", "comma-separated module names that get LoRA adapters")
+    num_candidates: int = arg(0, "0: score the whole catalogue; K > 0: train on the target + K sampled negatives")
+    # LLMD4Rec
+    rounds: int = arg(3, "distillation rounds R after the two baselines (0 = baselines only)")
+    T1: float = arg(1.0, "temperature of L_down (CRM -> LLM)")
+    T2: float = arg(1.0, "temperature of L_up (LLM -> CRM)")
+    lambda1: float = arg(1.0, "weight of L_down in the LLM objective")
+    lambda2: float = arg(1.0, "weight of L_up in the CRM objective")
+    direction: str = arg("both", "both | up (LLM -> CRM only) | down (CRM -> LLM only)")
+    no_weight: bool = arg(False, "ablation: w1 = w2 = 1 (no sample-wise adaptive weights)")
+    no_id_update: bool = arg(False, "ablation: keep the LLM's soft-token embeddings from the first SASRec")
+
+
+def parse_config(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    return Config(**vars(p.parse_args(argv)))
+
+
+class UserError(Exception):
+    """Bad input (data, flags, files): reported as one line, before any training."""
+
+
+def check_config(cfg):
+    problems = [
+        (cfg.max_len < 2, "--max-len must be >= 2"),
+        (cfg.batch_size < 1, "--batch-size must be >= 1"),
+        (cfg.patience < 1, "--patience must be >= 1"),
+        (cfg.d < 1 or cfg.crm_blocks < 1 or cfg.crm_heads < 1, "--d, --crm-blocks and --crm-heads must be >= 1"),
+        (cfg.d % max(cfg.crm_heads, 1) != 0, "--d must be divisible by --crm-heads"),
+        (cfg.llm_dim % max(cfg.llm_heads, 1) != 0 or cfg.llm_heads < 1, "--llm-dim must be divisible by --llm-heads"),
+        (cfg.llm_layers < 1 or cfg.lora_r < 1, "--llm-layers and --lora-r must be >= 1"),
+        (not 0 <= cfg.crm_dropout < 1 or not 0 <= cfg.llm_dropout < 1 or not 0 <= cfg.lora_dropout < 1,
+         "dropouts must be in [0, 1)"),
+        (cfg.crm_lr <= 0 or cfg.llm_lr <= 0, "learning rates must be > 0"),
+        (cfg.crm_epochs < 1, "--crm-epochs must be >= 1"),
+        (cfg.llm_epochs < 0, "--llm-epochs must be >= 0"),
+        (cfg.rounds < 0, "--rounds must be >= 0"),
+        (cfg.rounds > 0 and cfg.llm_epochs == 0, "--rounds > 0 needs an LLM stage (--llm-epochs >= 1)"),
+        (cfg.T1 <= 0 or cfg.T2 <= 0, "--T1 and --T2 must be > 0"),
+        (cfg.lambda1 < 0 or cfg.lambda2 < 0, "--lambda1 and --lambda2 must be >= 0"),
+        (cfg.num_candidates < 0, "--num-candidates must be >= 0"),
+        (cfg.direction not in ("both", "up", "down"), "--direction must be both, up or down"),
+        (cfg.device not in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+        (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda: CUDA is not available on this machine"),
+        (cfg.resume and cfg.overwrite, "--resume and --overwrite exclude each other"),
+    ]
+    for bad, msg in problems:
+        if bad:
+            raise UserError(msg)
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the paper's one-user-a-line format or SASRec's 'user item' pairs; leave-one-out split
+
+
+def read_sequences(path):
+    """Read a dataset file into {user: [item, ...]} (time order), with clear errors for bad input."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found (expected a dataset file or 'synthetic')")
+    rows = []  # (line number, [ints])
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            toks = line.split()
+            if not toks:
+                continue
+            ids = []
+            for tok in toks:
+                if not tok.lstrip("-").isdigit():
+                    raise UserError(f"{path}:{lineno}: expected integer ids, got {tok!r}")
+                if int(tok) <= 0:
+                    raise UserError(f"{path}:{lineno}: expected positive ids (0 is padding), got {tok}")
+                ids.append(int(tok))
+            rows.append((lineno, ids))
+    if not rows:
+        raise UserError(f"{path}: empty file (expected 'user_id item_id item_id ...' lines)")
+    users = [ids[0] for _, ids in rows]
+    pairs = all(len(ids) == 2 for _, ids in rows) and len(set(users)) < len(users)
+    seqs, first_line = {}, {}
+    for lineno, ids in rows:
+        if pairs:
+            seqs.setdefault(ids[0], []).append(ids[1])
+            continue
+        if len(ids) < 2:
+            raise UserError(f"{path}:{lineno}: user {ids[0]} has no items (expected 'user_id item_id item_id ...')")
+        if ids[0] in seqs:
+            raise UserError(f"{path}:{lineno}: user {ids[0]} appears again (first on line {first_line[ids[0]]}); "
+                            "expected one line per user")
+        seqs[ids[0]], first_line[ids[0]] = ids[1:], lineno
+    return seqs
+
+
+def synthetic_sequences(seed, n_users=600, n_items=120, n_clusters=6):
+    """Users drift between latent item clusters; inside a cluster each item tends to lead to a fixed next one."""
+    rng = np.random.default_rng(seed)
+    size = n_items // n_clusters
+    successor = np.zeros(n_items + 1, dtype=np.int64)
+    for c in range(n_clusters):
+        members = c * size + 1 + rng.permutation(size)
+        successor[members] = np.roll(members, -1)  # a cycle through the cluster
+    seqs = {}
+    for u in range(1, n_users + 1):
+        c = int(rng.integers(n_clusters))
+        item = c * size + 1 + int(rng.integers(size))
+        seq = [item]
+        for _ in range(int(rng.integers(5, 20))):
+            r = rng.random()
+            if r < 0.1:  # drift to the neighbouring cluster
+                c = (c + 1) % n_clusters
+                item = c * size + 1 + int(rng.integers(size))
+            elif r < 0.75:
+                item = int(successor[item])
+            else:
+                item = c * size + 1 + int(rng.integers(size))
+            seq.append(item)
+        seqs[u] = seq
+    return seqs
+
+
+def left_pad(rows, L):
+    """(len(rows), L) int64 tensor, each row right-aligned, 0 = padding."""
+    out = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        r = r[-L:]
+        if r:
+            out[i, L - len(r):] = torch.tensor(r)
+    return out
+
+
+@dataclass
+class Data:
+    name: str
+    num_users: int
+    num_items: int
+    num_interactions: int
+    train_x: torch.Tensor  # (W, L) input windows, left-padded
+    train_y: torch.Tensor  # (W, L) next-item targets, 0 where there is none
+    valid_x: torch.Tensor  # (U, L) histories for the validation targets
+    valid_y: torch.Tensor  # (U,)
+    test_x: torch.Tensor   # (U, L) histories (including the validation item) for the test targets
+    test_y: torch.Tensor   # (U,)
+
+    def summary(self):
+        return {"name": self.name, "users": self.num_users, "items": self.num_items,
+                "interactions": self.num_interactions, "train_targets": int((self.train_y > 0).sum()),
+                "eval_users": len(self.test_y)}
+
+
+def split(seqs, max_len, name):
+    """Remap ids to 1..N and split leave-one-out: last item = test, second-to-last = validation.
+
+    Users with fewer than 3 items only train. Every training position predicts its next item; a training
+    sequence longer than max_len is cut into windows of max_len inputs, so each position is used once.
+    """
+    item_ids = {it: i + 1 for i, it in enumerate(sorted({it for s in seqs.values() for it in s}))}
+    train_x, train_y, valid_x, valid_y, test_x, test_y = [], [], [], [], [], []
+    for items in seqs.values():
+        s = [item_ids[it] for it in items]
+        train = s[:-2] if len(s) >= 3 else s
+        if len(s) >= 3:
+            valid_x.append(s[:-2]), valid_y.append(s[-2])
+            test_x.append(s[:-1]), test_y.append(s[-1])
+        inp, tgt = train[:-1], train[1:]
+        # NOTE: deviation: SASRec keeps only the last max_len positions of a long sequence; we cut it into
+        # windows so that every training position is a target once.
+        for end in range(len(inp), 0, -max_len):
+            train_x.append(inp[max(0, end - max_len):end]), train_y.append(tgt[max(0, end - max_len):end])
+    if not test_y:
+        raise UserError(f"{name}: no user has 3 or more items; nothing to validate or test on")
+    return Data(name, len(seqs), len(item_ids), sum(len(s) for s in seqs.values()),
+                left_pad(train_x, max_len), left_pad(train_y, max_len), left_pad(valid_x, max_len),
+                torch.tensor(valid_y), left_pad(test_x, max_len), torch.tensor(test_y))
+
+
+def load_data(cfg):
+    if cfg.data == "synthetic":
+        return split(synthetic_sequences(cfg.seed), cfg.max_len, "synthetic")
+    return split(read_sequences(cfg.data), cfg.max_len, os.path.basename(cfg.data))
+
+
+# ----------------------------------------------------------------------------------------------------
+# CRM: SASRec (Kang & McAuley, ICDM 2018), pre-LN blocks, item embeddings tied to the output
+
+
+# NOTE: deviation: pre-LN blocks with a GELU feed-forward and N(0, 0.02) init instead of SASRec's post-LN/ReLU;
+# trained with cross-entropy over all items (METHOD.md's choice: distillation needs a full distribution).
+class Block(nn.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + FFN(LN(x)); SASRec's FFN is d -> d."""
+
+    def __init__(self, d, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask):  # x (B, L, d), mask (B, 1, L, L) True = may attend
+        B, L, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, d)))  # (B, L, d)
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class SASRec(nn.Module):
+    """The CRM: causal self-attention over item ids; z_c = h_u . E^T scores every item."""
+
+    def __init__(self, num_items, cfg):
+        super().__init__()
+        self.item_emb = nn.Embedding(num_items + 1, cfg.d, padding_idx=0)  # E_c; row 0 = padding
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)  # position = distance from the newest item
+        self.drop = nn.Dropout(cfg.crm_dropout)
+        self.blocks = nn.ModuleList(Block(cfg.d, cfg.crm_heads, cfg.crm_dropout) for _ in range(cfg.crm_blocks))
+        self.ln = nn.LayerNorm(cfg.d)
+        for name, p in self.named_parameters():  # small init: N(0, 1) embeddings train badly here
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def hidden(self, seq):  # seq (B, L) left-padded item ids -> (B, L, d)
+        B, L = seq.shape
+        valid = seq > 0
+        pos = torch.arange(L - 1, -1, -1, device=seq.device)  # (L,) distance from the right end
+        x = self.drop(self.item_emb(seq) + self.pos_emb(pos))  # (B, L, d)
+        causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
+        # a query may see earlier real items, and always itself (so padding rows are never empty)
+        mask = (causal & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=seq.device)  # (B, L, L)
+        for block in self.blocks:
+            x = block(x, mask[:, None])
+        return self.ln(x)
+
+    def score(self, h, cand=None):  # h (M, d); cand None -> (M, N) over items 1..N, else (M, C)
+        if cand is None:
+            return h @ self.item_emb.weight[1:].T
+        return torch.einsum("md,mcd->mc", h, self.item_emb(cand))
+
+
+# ----------------------------------------------------------------------------------------------------
+# LLM-centric recommender (E4SRec, Li et al. 2023): instruction tokens, then soft tokens W_in . E_c[item]
+
+
+INSTRUCTION = "Given the user's purchase history, predict next possible item to be purchased. ### Input:"
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) B A x with B = 0 at start, so the adapted layer equals the base layer."""
+
+    def __init__(self, base, r, alpha, dropout):
+        super().__init__()
+        self.base, self.scale, self.drop = base, alpha / r, nn.Dropout(dropout)
+        self.A = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x) + (self.drop(x) @ self.A.T @ self.B.T) * self.scale
+
+
+def add_lora(model, targets, r, alpha, dropout):
+    """Freeze model and wrap its nn.Linear children named in targets with LoRA adapters; return the count."""
+    model.requires_grad_(False)
+    hits = [(m, n) for m in model.modules() for n, c in m.named_children() if n in targets and isinstance(c, nn.Linear)]
+    for m, n in hits:
+        setattr(m, n, LoRALinear(getattr(m, n), r, alpha, dropout))
+    return len(hits)
+
+
+def word_tokenizer(text):
+    """The tiny backbone's tokenizer: the prompt's own words, so no vocabulary is downloaded."""
+    vocab = {w: i for i, w in enumerate(sorted(set(text.split())))}
+    return [vocab[w] for w in text.split()], len(vocab)
+
+
+def load_backbone(cfg):
+    """(backbone without token head, prompt token ids). 'tiny' is built from a config; anything else loaded."""
+    from transformers import AutoModel, AutoTokenizer, Qwen2Config
+
+    if cfg.llm == "tiny":  # NOTE: deviation: random init, trained fully (the paper: pretrained Qwen1.5-0.5B + LoRA)
+        ids, vocab = word_tokenizer(INSTRUCTION)
+        conf = Qwen2Config(vocab_size=vocab, hidden_size=cfg.llm_dim, intermediate_size=4 * cfg.llm_dim,
+                           num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads,
+                           num_key_value_heads=cfg.llm_heads, max_position_embeddings=cfg.max_len + len(ids),
+                           attention_dropout=cfg.llm_dropout, initializer_range=0.02)
+        return AutoModel.from_config(conf, attn_implementation="sdpa"), ids
+    local = os.path.isdir(cfg.llm)
+    try:  # the local cache first, so that an offline machine answers at once
+        tok = AutoTokenizer.from_pretrained(cfg.llm, local_files_only=True)
+        model = AutoModel.from_pretrained(cfg.llm, local_files_only=True, attn_implementation="sdpa")
+    except Exception as e:
+        if local or not hub_reachable():
+            where = "a local folder" if local else "not a local folder, not in the local cache, and the hub is unreachable"
+            raise UserError(f"--llm {cfg.llm}: cannot load ({where}): {str(e).splitlines()[0][:200]}")
+        tok = AutoTokenizer.from_pretrained(cfg.llm)
+        model = AutoModel.from_pretrained(cfg.llm, attn_implementation="sdpa")
+    n = add_lora(model, set(cfg.lora_targets.split(",")), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    if n == 0:
+        raise UserError(f"--lora-targets {cfg.lora_targets}: no such nn.Linear modules in {cfg.llm}")
+    return model, tok(INSTRUCTION).input_ids
+
+
+def hub_reachable(timeout=3.0):
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+class LLMScorer(nn.Module):
+    """[instruction tokens][W_in . E_c[i_1]] ... [W_in . E_c[i_n]] -> last hidden states -> W_out -> z_l."""
+
+    def __init__(self, backbone, prompt_ids, E_c, num_items, dropout):
+        super().__init__()
+        self.backbone = backbone
+        D = backbone.config.hidden_size
+        self.register_buffer("prompt_ids", torch.tensor(prompt_ids, dtype=torch.long))
+        self.register_buffer("E_c", E_c.detach().clone())  # (N+1, d) frozen; refreshed by the ID update
+        self.W_in = nn.Linear(E_c.shape[1], D)
+        self.W_out = nn.Linear(D, num_items, bias=False)  # one row per item 1..N
+        self.drop = nn.Dropout(dropout)
+        nn.init.normal_(self.W_out.weight, std=0.02)
+
+    # NOTE: deviation: E4SRec runs one forward per prefix, ending in a response prompt. We run one causal pass
+    # over [instruction][i_1 .. i_n] and read the hidden state at every item, so all n targets cost one
+    # forward; the response prompt is dropped (it cannot follow every prefix in one causal pass).
+    def hidden(self, seq):  # seq (B, L) left-padded item ids -> (B, L, D)
+        B, L = seq.shape
+        P = len(self.prompt_ids)
+        prompt = self.backbone.get_input_embeddings()(self.prompt_ids).expand(B, P, -1)  # (B, P, D)
+        soft = self.drop(self.W_in(self.E_c[seq]))  # (B, L, D) soft tokens
+        x = torch.cat([prompt, soft.to(prompt.dtype)], 1)  # (B, P+L, D); padding sits between prompt and items
+        att = torch.cat([torch.ones(B, P, dtype=torch.long, device=seq.device), (seq > 0).long()], 1)
+        pos = (att.cumsum(1) - 1).clamp(min=0)  # as if the padding were not there
+        with torch.autocast("cuda", torch.bfloat16, enabled=seq.is_cuda and torch.cuda.is_bf16_supported()):
+            h = self.backbone(inputs_embeds=x, attention_mask=att, position_ids=pos).last_hidden_state
+        return h[:, P:].float()  # the state at item t predicts item t+1
+
+    def score(self, h, cand=None):  # h (M, D)
+        if cand is None:
+            return self.W_out(h)  # (M, N)
+        return torch.einsum("md,mcd->mc", h, self.W_out.weight[cand - 1])  # (M, C)
+
+
+def build_llm(cfg, crm, num_items):
+    backbone, prompt_ids = load_backbone(cfg)
+    return LLMScorer(backbone, prompt_ids, crm.item_emb.weight, num_items, cfg.llm_dropout)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses and sample-wise adaptive weights
+
+
+def kd_loss(student_logits, teacher_logits, T):
+    """Per-sample T^2 * KL(p_teacher^T || p_student^T), summed over items; the teacher is detached. (M,)"""
+    log_p_s = F.log_softmax(student_logits.float() / T, -1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / T, -1)
+    return T * T * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+
+
+def ranks(logits, target_idx):
+    """Rank of the target (0 = top): how many other items score >= it, so ties never favour it. (M,)"""
+    t = logits.gather(1, target_idx[:, None])
+    return (logits >= t).sum(1) - 1
+
+
+def adaptive_weight(r_student, r_teacher):
+    """Large when the teacher ranks the true item better than the student, small when worse; in [0, 2]."""
+    r_s, r_t = r_student.float(), r_teacher.float()
+    up = 1 + (r_s - r_t) / r_t.clamp(min=1)  # teacher better (r_s > r_t)
+    down = 1 - (r_t - r_s) / r_s.clamp(min=1)
+    return torch.where(r_s > r_t, up, down).clamp(0, 2)
+
+
+def adaptive_weights(r_c, r_l):
+    """(w1, w2): w1 weights the LLM learning from the CRM, w2 the CRM learning from the LLM."""
+    return adaptive_weight(r_l, r_c), adaptive_weight(r_c, r_l)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: full ranking over all items
+
+
+KS = (5, 10, 20)
+
+
+def first_item_column(x):
+    """Index of the first column that is not padding in every row: the columns before it can be dropped."""
+    return int((x > 0).any(0).long().argmax())
+
+
+@torch.no_grad()
+def evaluate(model, x, y, exclude_seen=False, batch=1024):
+    """HR@k and NDCG@k of the target among all N items; rank = other items scoring >= the target."""
+    model.eval()
+    dev = next(model.parameters()).device
+    rank_all = []
+    for i in range(0, len(y), batch):
+        seq, tgt = x[i:i + batch], y[i:i + batch].to(dev)
+        seq = seq[:, first_item_column(seq):].to(dev)
+        scores = model.score(model.hidden(seq)[:, -1])  # (B, N)
+        if exclude_seen:
+            t = scores.gather(1, (tgt - 1)[:, None])
+            seen = torch.zeros(len(tgt), scores.shape[1] + 1, dtype=torch.bool, device=dev).scatter_(1, seq, True)
+            scores = scores.masked_fill(seen[:, 1:], float("-inf")).scatter(1, (tgt - 1)[:, None], t)
+        rank_all.append(ranks(scores, tgt - 1))
+    r = torch.cat(rank_all).float()
+    out = {}
+    for k in KS:
+        out[f"HR@{k}"] = (r < k).float().mean().item()
+    for k in KS:
+        out[f"NDCG@{k}"] = torch.where(r < k, 1 / torch.log2(r + 2), torch.zeros_like(r)).mean().item()
+    return out
+
+
+def evaluate_both(model, data, cfg):
+    return {"valid": evaluate(model, data.valid_x, data.valid_y, cfg.exclude_seen),
+            "test": evaluate(model, data.test_x, data.test_y, cfg.exclude_seen)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: one stage = one model trained with CE (+ weighted KD from a frozen teacher), early stopping
+
+
+@torch.no_grad()
+def cache_hidden(model, data, batch=512):
+    """The frozen teacher's hidden state at every training target, in the order of data.train_y > 0. (M, D)"""
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, len(data.train_x), batch):
+        x, y = data.train_x[i:i + batch].to(dev), data.train_y[i:i + batch].to(dev)
+        out.append(model.hidden(x)[y > 0])
+    return torch.cat(out)
+
+
+def batches(data, size, gen):
+    """Shuffled batches of similar history length (sorted inside chunks of 64 batches), so little is padding."""
+    perm = torch.randperm(len(data.train_x), generator=gen)
+    lengths = (data.train_x > 0).sum(1)
+    out = [b for c in perm.split(64 * size) for b in c[lengths[c].argsort(stable=True)].split(size)]
+    return [out[i] for i in torch.randperm(len(out), generator=gen)]
+
+
+def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, T, lam, tag, gen):
+    """Train `student` for at most `epochs`; keep the weights with the best validation NDCG@10.
+
+    With a teacher (frozen), the loss is CE + lam * mean(w * T^2 * KL(p_teacher || p_student)); the teacher's
+    hidden states are computed once for the whole stage, since it does not change.
+    """
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    flat = torch.cumsum((data.train_y > 0).flatten(), 0).view_as(data.train_y) - 1  # (W, L) row in the cache
+    # the teacher is frozen and in eval mode (no dropout), so its outputs are exact to cache (assumption: the
+    # paper does not say whether the teacher runs with dropout)
+    t_hidden = cache_hidden(teacher, data).to(dev) if teacher is not None else None
+    # NOTE: deviation: the paper gives no schedule; each stage is a fresh Adam with early stopping, and a
+    # warm-started stage keeps its starting weights if no epoch beats them on validation.
+    best = evaluate(student, data.valid_x, data.valid_y, cfg.exclude_seen)["NDCG@10"] if tag[0] > 0 else -1.0
+    best_state, bad, log = {k: v.clone() for k, v in student.state_dict().items()}, 0, []
+    for epoch in range(1, epochs + 1):
+        t0 = time.time()
+        student.train()
+        tot, n, better = 0.0, 0, 0.0
+        for idx in batches(data, cfg.batch_size, gen):
+            x, y = data.train_x[idx], data.train_y[idx]
+            first = first_item_column(x)
+            x, y = x[:, first:].to(dev), y[:, first:].to(dev)
+            m = y > 0
+            target = y[m]  # (M,)
+            cand = None
+            # NOTE: deviation (extension): sampled candidates replace the full softmax in training only
+            if cfg.num_candidates > 0:  # target first, then K negatives drawn uniformly from the other items
+                neg = torch.randint(1, data.num_items, (len(target), cfg.num_candidates), generator=gen).to(dev)
+                cand = torch.cat([target[:, None], neg + (neg >= target[:, None]).long()], 1)  # (M, 1+K)
+            tidx = torch.zeros_like(target) if cand is not None else target - 1
+            logits = student.score(student.hidden(x)[m], cand)  # (M, N) or (M, 1+K)
+            loss = F.cross_entropy(logits.float(), tidx)
+            if t_hidden is not None:
+                t_logits = teacher.score(t_hidden[flat[idx][:, first:].to(dev)[m]], cand).detach()
+                r_s, r_t = ranks(logits.detach(), tidx), ranks(t_logits, tidx)
+                w = torch.ones_like(r_s, dtype=torch.float) if cfg.no_weight else adaptive_weight(r_s, r_t)
+                loss = loss + lam * (w * kd_loss(logits, t_logits, T)).mean()
+                better += (r_t < r_s).float().sum().item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot, n = tot + loss.item() * len(target), n + len(target)
+        metrics = evaluate(student, data.valid_x, data.valid_y, cfg.exclude_seen)
+        line = {"epoch": epoch, "loss": tot / n, "valid": metrics, "seconds": time.time() - t0}
+        if t_hidden is not None:
+            line["teacher_better"] = better / n  # share of samples with r_teacher < r_student
+        log.append(line)
+        print(f"round {tag[0]} | {tag[1]:6s} | epoch {epoch:3d} | loss {tot / n:.4f} | valid HR@10 {metrics['HR@10']:.4f}"
+              f" NDCG@10 {metrics['NDCG@10']:.4f} | {line['seconds']:.1f} s", flush=True)
+        if metrics["NDCG@10"] > best:
+            best, bad = metrics["NDCG@10"], 0
+            best_state = {k: v.clone() for k, v in student.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    student.load_state_dict(best_state)
+    return log
+
+
+# ----------------------------------------------------------------------------------------------------
+# The alternating loop
+
+
+def stages(cfg):
+    """Round 0: the SASRec and E4SRec baselines. Rounds 1..R: LLM (CE + L_down), then CRM (CE + L_up)."""
+    out = [(0, "SASRec")] + ([(0, "E4SRec")] if cfg.llm_epochs > 0 else [])
+    for r in range(1, cfg.rounds + 1):
+        out += [(r, "LLM"), (r, "CRM")]
+    return out
+
+
+def pick_device(cfg):
+    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.endswith(".json"):
+            with open(tmp, "w") as fh:
+                json.dump(obj, fh, indent=2)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def prepare_out(cfg):
+    """Refuse to touch an earlier run's results unless asked; return the checkpoint to resume from, if any."""
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    if cfg.resume:
+        if not os.path.isfile(ckpt):
+            raise UserError(f"--resume: {ckpt} not found")
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["config"] != {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite")}:
+            raise UserError(f"--resume: the flags differ from those of the run in {cfg.out} (see its config.json)")
+        return state
+    taken = [f for f in ("results.json", "checkpoint.pt") if os.path.exists(os.path.join(cfg.out, f))]
+    if taken and not cfg.overwrite:
+        raise UserError(f"--out {cfg.out} already holds {', '.join(taken)}; pass --overwrite, --resume or another --out")
+    return None
+
+
+def run(cfg, stop_after=None):
+    """Train the baselines and the R rounds; write OUT/results.json. stop_after (tests) simulates a kill."""
+    check_config(cfg)
+    data = load_data(cfg)
+    if cfg.num_candidates >= data.num_items:
+        raise UserError(f"--num-candidates must be < the number of items ({data.num_items})")
+    state = prepare_out(cfg)
+    dev = pick_device(cfg)
+    set_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    crm = SASRec(data.num_items, cfg).to(dev)
+    llm = build_llm(cfg, crm, data.num_items).to(dev) if cfg.llm_epochs > 0 else None
+    cfg_dict = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite")}
+    res = {"dataset": data.summary(), "protocol": protocol(cfg), "models": {}, "rounds": [], "timing": {}}
+    done = 0
+    if state is not None:
+        crm.load_state_dict(state["crm"])
+        if llm is not None:
+            llm.load_state_dict(state["llm"])
+        res, done = state["results"], state["done"]
+        torch.set_rng_state(state["rng"])
+        gen.set_state(state["gen"])
+        print(f"resuming {cfg.out} after stage {done} of {len(stages(cfg))}")
+    print(f"data {data.name}: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions | "
+          f"device {dev} | protocol: {res['protocol']}")
+    os.makedirs(cfg.out, exist_ok=True)
+    for i, (rnd, name) in enumerate(stages(cfg)):
+        if i < done:
+            continue
+        t0 = time.time()
+        if name in ("SASRec", "CRM"):
+            kd = rnd > 0 and cfg.direction in ("both", "up")
+            log = train_stage(crm, llm if kd else None, data, cfg, dev, lr=cfg.crm_lr, epochs=cfg.crm_epochs,
+                              T=cfg.T2, lam=cfg.lambda2, tag=(rnd, name), gen=gen)
+            model = crm
+            if rnd > 0 and not cfg.no_id_update:  # ID embedding update: the LLM's soft tokens follow SASRec
+                llm.E_c.copy_(crm.item_emb.weight.detach())
+        else:
+            if rnd == 0:  # the E4SRec baseline reads the SASRec baseline's embeddings
+                llm.E_c.copy_(crm.item_emb.weight.detach())
+            kd = rnd > 0 and cfg.direction in ("both", "down")
+            log = train_stage(llm, crm if kd else None, data, cfg, dev, lr=cfg.llm_lr, epochs=cfg.llm_epochs,
+                              T=cfg.T1, lam=cfg.lambda1, tag=(rnd, name), gen=gen)
+            model = llm
+        metrics = evaluate_both(model, data, cfg)
+        seconds = time.time() - t0
+        res["rounds"].append({"round": rnd, "stage": name, **metrics, "seconds": seconds, "epochs": log})
+        res["timing"][f"round {rnd} {name}"] = {"seconds": seconds, "epochs": len(log),
+                                                "seconds_per_epoch": sum(e["seconds"] for e in log) / len(log)}
+        if rnd == 0:
+            res["models"][name] = metrics
+        select_best(res)
+        save_atomic({"config": cfg_dict, "crm": crm.state_dict(), "llm": llm.state_dict() if llm else None,
+                     "results": res, "done": i + 1, "rng": torch.get_rng_state(),
+                     "gen": gen.get_state()}, os.path.join(cfg.out, "checkpoint.pt"))
+        if stop_after is not None and i + 1 >= stop_after:
+            return None
+    save_atomic(cfg_dict, os.path.join(cfg.out, "config.json"))
+    save_atomic(res, os.path.join(cfg.out, "results.json"))
+    print_table(res)
+    return res
+
+
+def select_best(res):
+    """LLMD4Rec_C / _L: the CRM / LLM of the round with the best validation NDCG@10."""
+    for key, stage in (("LLMD4Rec_C", "CRM"), ("LLMD4Rec_L", "LLM")):
+        cands = [s for s in res["rounds"] if s["stage"] == stage]
+        if cands:
+            best = max(cands, key=lambda s: s["valid"]["NDCG@10"])
+            res["models"][key] = {"valid": best["valid"], "test": best["test"], "round": best["round"]}
+
+
+def protocol(cfg):
+    return (f"leave-one-out, full ranking over all items, rank = other items scoring >= target, "
+            f"seen items {'excluded' if cfg.exclude_seen else 'kept'}, max_len {cfg.max_len}")
+
+
+def print_table(res):
+    names = [n for n in ("SASRec", "LLMD4Rec_C", "E4SRec", "LLMD4Rec_L") if n in res["models"]]
+    keys = [f"HR@{k}" for k in KS] + [f"NDCG@{k}" for k in KS]
+    print(f"\ntest ({res['dataset']['name']})  " + "".join(f"{n:>12s}" for n in names))
+    for k in keys:
+        print(f"{k:>8s}{'':9s}" + "".join(f"{res['models'][n]['test'][k]:12.4f}" for n in names))
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""Tests for llmd4rec.py: fast, CPU only, no network. Run: python -m pytest -q test_llmd4rec.py"""
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llmd4rec as L
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(1)  # the models here are tiny: one thread is faster than two contending
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def cfg_for(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "out"), d=32, llm_dim=32, llm_layers=1, llm_heads=2, crm_epochs=30,
+                llm_epochs=6, rounds=1, patience=3)
+    base.update(kw)
+    return L.Config(**base)
+
+
+def write(tmp_path, text, name="data.txt"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_both_formats_give_the_same_sequences(tmp_path):
+    seq = write(tmp_path, "7 30 10 20\n3 10 40\n", "seq.txt")
+    pairs = write(tmp_path, "7 30\n7 10\n3 10\n7 20\n3 40\n", "pairs.txt")
+    assert L.read_sequences(seq) == L.read_sequences(pairs) == {7: [30, 10, 20], 3: [10, 40]}
+
+
+def test_split_leave_one_out_and_remapping(tmp_path):
+    seqs = {1: [100, 200, 300, 400, 500], 2: [300, 100], 3: [500, 400, 300]}
+    d = L.split(seqs, max_len=3, name="toy")
+    assert (d.num_users, d.num_items, d.num_interactions) == (3, 5, 10)
+    # ids remapped in sorted order: 100->1 ... 500->5
+    assert d.valid_y.tolist() == [4, 4] and d.test_y.tolist() == [5, 3]
+    assert d.valid_x.tolist() == [[1, 2, 3], [0, 0, 5]] and d.test_x.tolist() == [[2, 3, 4], [0, 5, 4]]
+    # user 2 (2 items) only trains; user 1 trains on 1->2->3, user 3 has no training target
+    assert sorted(d.train_y[d.train_y > 0].tolist()) == [1, 2, 3]
+
+
+def test_no_eval_target_is_a_training_target_of_its_user():
+    seqs = L.synthetic_sequences(0)
+    d = L.split(seqs, max_len=5, name="syn")  # short max_len: long histories become several windows
+    got = sorted(d.train_y[d.train_y > 0].tolist())
+    expected = []
+    for s in seqs.values():
+        train = s[:-2] if len(s) >= 3 else s
+        expected += train[1:]  # items are already 1..N in the synthetic data
+    assert got == sorted(expected)
+    # each window's target at t is the input at t+1: training never looks past the split
+    x, y = d.train_x, d.train_y
+    inner = (x[:, 1:] > 0) & (y[:, :-1] > 0)
+    assert torch.equal(x[:, 1:][inner], y[:, :-1][inner])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "empty file"),
+    ("1 2 3\n2 4 x5\n", ":2: expected integer ids, got 'x5'"),
+    ("1 2 3\n2 0 4\n", ":2: expected positive ids (0 is padding), got 0"),
+    ("1 2 3\n2 -4 4\n", ":2: expected positive ids (0 is padding), got -4"),
+    ("1 2 3\n2\n", ":2: user 2 has no items"),
+    ("1 2 3\n1 4 5\n", ":2: user 1 appears again (first on line 1)"),
+])
+def test_bad_data_names_file_and_line(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(L.UserError) as e:
+        L.read_sequences(path)
+    assert str(e.value).startswith(path) and expected in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(L.UserError, match="file not found"):
+        L.read_sequences(str(tmp_path / "nope.txt"))
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def small_models(tmp_path, num_items=20):
+    cfg = cfg_for(tmp_path, max_len=10, crm_dropout=0.0, llm_dropout=0.0)
+    torch.manual_seed(0)
+    crm = L.SASRec(num_items, cfg).eval()
+    llm = L.build_llm(cfg, crm, num_items).eval()
+    return cfg, crm, llm
+
+
+@pytest.mark.parametrize("which", ["crm", "llm"])
+def test_causal_and_padding_invariant(tmp_path, which):
+    _, crm, llm = small_models(tmp_path)
+    model = crm if which == "crm" else llm
+    seq = torch.tensor([[0, 0, 3, 5, 7, 2, 9, 4]])
+    h = model.hidden(seq)
+    assert h.shape == (1, 8, 32)
+    later = seq.clone()
+    later[0, 6:] = torch.tensor([11, 12])  # change the items after position 5
+    assert torch.allclose(model.hidden(later)[0, :6], h[0, :6], atol=1e-5)
+    assert not torch.allclose(model.hidden(later)[0, 6:], h[0, 6:], atol=1e-3)
+    # more left padding (and a different batch mate) leaves the real positions alone
+    padded = torch.tensor([[0, 0, 0, 0, 3, 5, 7, 2, 9, 4], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    assert torch.allclose(model.hidden(padded)[0, 4:], h[0, 2:], atol=1e-5)
+
+
+def test_scores_cover_all_items_and_candidates(tmp_path):
+    _, crm, llm = small_models(tmp_path)
+    seq = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    for model in (crm, llm):
+        h = model.hidden(seq)[:, -1]
+        full = model.score(h)
+        assert full.shape == (2, 20)
+        cand = torch.tensor([[3, 1, 20], [7, 8, 9]])
+        assert torch.allclose(model.score(h, cand), full.gather(1, cand - 1), atol=1e-5)
+
+
+def test_soft_tokens_come_from_frozen_crm_embeddings(tmp_path):
+    _, crm, llm = small_models(tmp_path)
+    seq = torch.tensor([[0, 1, 2, 3]])
+    before = llm.score(llm.hidden(seq)[:, -1])
+    llm.E_c[2] += 1.0
+    after = llm.score(llm.hidden(seq)[:, -1])
+    assert not torch.allclose(before, after)
+    assert "E_c" not in dict(llm.named_parameters())  # a buffer: no gradient, no optimizer
+    after.sum().backward()
+    assert crm.item_emb.weight.grad is None and llm.W_in.weight.grad is not None
+
+
+def tiny_pretrained(tmp_path):
+    """A tiny Qwen2 model and a byte-level BPE tokenizer saved with save_pretrained, as a user's folder would be."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+    folder = tmp_path / "tiny-lm"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([L.INSTRUCTION], vocab_size=300, min_frequency=1, show_progress=False)
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer).save_pretrained(folder)
+    conf = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(folder)
+    return str(folder), bpe.encode(L.INSTRUCTION).ids
+
+
+def test_from_pretrained_with_lora(tmp_path):
+    from transformers import AutoModel
+
+    folder, prompt_ids = tiny_pretrained(tmp_path)
+    cfg = cfg_for(tmp_path, llm=folder, max_len=8, llm_dropout=0.0, lora_dropout=0.0)
+    base = AutoModel.from_pretrained(folder).eval()
+    crm = L.SASRec(20, cfg)
+    llm = L.build_llm(cfg, crm, 20).eval()
+    # LoRA starts as the identity: the adapted backbone equals the base model
+    x = torch.randn(2, 5, 32)
+    assert torch.allclose(llm.backbone(inputs_embeds=x).last_hidden_state, base(inputs_embeds=x).last_hidden_state,
+                          atol=1e-5)
+    trainable = {n.split(".")[-1] if n.startswith("backbone") else n.split(".")[0]
+                 for n, p in llm.named_parameters() if p.requires_grad}
+    assert trainable == {"A", "B", "W_in", "W_out"}
+    assert sum(isinstance(m, L.LoRALinear) for m in llm.modules()) == 2 * 4  # 2 layers x q, k, v, o
+    assert llm.prompt_ids.tolist() == prompt_ids  # the model's own tokenizer
+    assert llm.hidden(torch.tensor([[0, 1, 2]])).shape == (1, 3, 32)
+
+
+def test_unloadable_llm_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    cfg = cfg_for(tmp_path, llm="no-such-org/no-such-model-llmd4rec")
+    with pytest.raises(L.UserError, match="cannot load .*hub is unreachable"):
+        L.load_backbone(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def test_kd_loss_matches_float64_formula_value_and_gradient():
+    torch.manual_seed(0)
+    s = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    T = 2.5
+    got = L.kd_loss(s.float(), t.float(), T)
+    p_t = torch.softmax(t / T, -1)
+    ref = T ** 2 * (p_t * (torch.log(p_t) - torch.log_softmax(s / T, -1))).sum(-1)
+    assert torch.allclose(got.double(), ref, atol=1e-5)
+    g_got, = torch.autograd.grad(L.kd_loss(s, t, T).sum(), s)
+    g_ref, = torch.autograd.grad(ref.sum(), s)
+    assert torch.allclose(g_got, g_ref, atol=1e-5)
+    # the teacher gets no gradient
+    L.kd_loss(s, t, T).sum().backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_kd_loss_nonnegative_zero_on_equal_and_stable():
+    torch.manual_seed(1)
+    a, b = torch.randn(64, 50), torch.randn(64, 50)
+    for T in (0.5, 1.0, 4.0):
+        assert (L.kd_loss(a, b, T) >= -1e-6).all()
+        assert L.kd_loss(a, a.clone(), T).abs().max() < 1e-5
+    big = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 3.0]])
+    assert torch.isfinite(L.kd_loss(big, big.flip(1), 1.0)).all()
+    assert torch.isfinite(L.kd_loss(a.bfloat16(), b.bfloat16(), 2.0)).all()
+
+
+def test_ranks_ties_do_not_favour_the_target():
+    logits = torch.tensor([[0.1, 0.9, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0], [3.0, 2.0, 1.0, 0.0]])
+    assert L.ranks(logits, torch.tensor([2, 0, 0])).tolist() == [2, 3, 0]
+
+
+def test_adaptive_weights_by_hand():
+    r_c = torch.tensor([0, 4, 2, 10, 3, 0, 1])
+    r_l = torch.tensor([0, 1, 6, 5, 3, 7, 0])
+    w1, w2 = L.adaptive_weights(r_c, r_l)
+    # w1: the LLM learns from the CRM. r_l > r_c: 1 + (r_l - r_c) / max(r_c, 1), else 1 - (r_c - r_l) / max(r_l, 1)
+    unclipped = [1, 1 - 3 / 1, 1 + 4 / 2, 1 - 5 / 5, 1, 1 + 7 / 1, 1 - 1 / 1]
+    assert w1.tolist() == pytest.approx([min(max(w, 0), 2) for w in unclipped]) == [1, 0, 2, 0, 1, 2, 0]
+    # w2: the CRM learns from the LLM, the same rule with the roles swapped
+    assert w2.tolist() == pytest.approx([1, 2, 0, 2, 1, 0, 2])
+    assert torch.equal(L.adaptive_weights(r_l, r_c)[0], w2)
+    r_c, r_l = torch.tensor([4, 5]), torch.tensor([6, 4])  # unclipped values
+    w1, w2 = L.adaptive_weights(r_c, r_l)
+    assert w1.tolist() == pytest.approx([1 + 2 / 4, 1 - 1 / 4]) and w2.tolist() == pytest.approx([1 - 2 / 4, 1 + 1 / 4])
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+class FixedScores(torch.nn.Module):
+    """A 'model' with given scores: row b of the matrix scores user b of the batch."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = torch.nn.Parameter(scores, requires_grad=False)
+
+    def hidden(self, seq):
+        return torch.arange(len(seq), dtype=torch.float)[:, None, None].expand(-1, seq.shape[1], 1)
+
+    def score(self, h):
+        return self.scores[h[:, 0].long()]
+
+
+def test_metrics_on_a_hand_made_ranking():
+    scores = torch.zeros(3, 25)
+    scores[0, 4] = 1.0                 # user 0: target item 5 is the unique top -> rank 0
+    scores[1, :] = torch.arange(25.0)  # user 1: target item 20 (score 19): items 21..25 above -> rank 5
+    scores[2, :] = 1.0                 # user 2: all tied: the 24 others count as above -> rank 24
+    x = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    m = L.evaluate(FixedScores(scores), x, torch.tensor([5, 20, 3]))
+    assert [m[f"HR@{k}"] for k in (5, 10, 20)] == pytest.approx([1 / 3, 2 / 3, 2 / 3])
+    assert m["NDCG@5"] == pytest.approx(1 / 3)
+    assert m["NDCG@10"] == pytest.approx((1 + 1 / math.log2(7)) / 3)
+    assert m["NDCG@20"] == pytest.approx((1 + 1 / math.log2(7)) / 3)
+
+
+def test_exclude_seen_removes_history_but_not_the_target():
+    scores = torch.arange(10.0)[None].repeat(2, 1)  # item k scores k - 1: items 9 and 10 beat item 8
+    model = FixedScores(scores)
+    hist = torch.tensor([[9, 10, 8], [0, 0, 1]])  # user 0 saw 9, 10 and its own target 8
+    y = torch.tensor([8, 8])
+    assert L.evaluate(model, hist, y)["NDCG@5"] == pytest.approx(1 / math.log2(4))
+    m = L.evaluate(model, hist, y, exclude_seen=True)
+    assert m["NDCG@5"] == pytest.approx((1 + 1 / math.log2(4)) / 2)  # user 0 -> rank 0, user 1 stays at 2
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def popularity_hr10(data):
+    counts = torch.bincount(data.train_y[data.train_y > 0], minlength=data.num_items + 1)[1:].float()
+    top = counts.argsort(descending=True)[:10] + 1
+    return torch.isin(data.test_y, top).float().mean().item()
+
+
+def test_models_learn_the_synthetic_data_and_runs_repeat(tmp_path):
+    cfg = cfg_for(tmp_path, rounds=0)
+    res = L.run(cfg)
+    pop = popularity_hr10(L.load_data(cfg))
+    assert pop < 0.2
+    for name in ("SASRec", "E4SRec"):
+        assert res["models"][name]["test"]["HR@10"] > pop + 0.4, (name, res["models"][name], pop)
+    again = L.run(dataclasses.replace(cfg, out=str(tmp_path / "again")))
+    assert again["models"] == res["models"]
+
+
+def test_round_of_distillation_and_ablation_flags(tmp_path, monkeypatch):
+    seen = []
+    real = L.train_stage
+
+    def spy(student, teacher, data, cfg, dev, **kw):
+        seen.append((kw["tag"], teacher is not None, cfg.no_weight))
+        return real(student, teacher, data, cfg, dev, **kw)
+
+    monkeypatch.setattr(L, "train_stage", spy)
+    res = L.run(cfg_for(tmp_path, direction="up", crm_epochs=3, llm_epochs=2))
+    assert [(t, kd) for t, kd, _ in seen] == [((0, "SASRec"), False), ((0, "E4SRec"), False),
+                                              ((1, "LLM"), False), ((1, "CRM"), True)]
+    assert set(res["models"]) == {"SASRec", "E4SRec", "LLMD4Rec_C", "LLMD4Rec_L"}
+    assert [s["stage"] for s in res["rounds"]] == ["SASRec", "E4SRec", "LLM", "CRM"]
+    crm_stage = res["rounds"][3]["epochs"][0]
+    assert 0 <= crm_stage["teacher_better"] <= 1
+
+
+def test_no_weight_means_w_equals_one(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(L, "adaptive_weight", lambda *a: calls.append(1) or torch.ones(1))
+    L.run(cfg_for(tmp_path, no_weight=True, crm_epochs=2, llm_epochs=1))
+    assert calls == []
+
+
+def test_id_update_refreshes_the_soft_tokens(tmp_path):
+    for flag in (False, True):
+        cfg = cfg_for(tmp_path, crm_epochs=2, llm_epochs=1, no_id_update=flag, out=str(tmp_path / str(flag)))
+        L.run(cfg, stop_after=4)
+        ck = torch.load(os.path.join(cfg.out, "checkpoint.pt"), weights_only=False)
+        same = torch.equal(ck["llm"]["E_c"], ck["crm"]["item_emb.weight"])
+        assert same != flag
+
+
+def test_sampled_candidates_train_and_rank_the_target(tmp_path):
+    res = L.run(cfg_for(tmp_path, num_candidates=10, rounds=1, crm_epochs=10, llm_epochs=3))
+    assert res["models"]["SASRec"]["test"]["HR@10"] > 0.3  # full-ranking evaluation still works
+
+
+def test_existing_results_are_not_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"mine": 1}')
+    with pytest.raises(L.UserError, match="already holds results.json"):
+        L.run(cfg_for(tmp_path))
+    assert (out / "results.json").read_text() == '{"mine": 1}'
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    cfg = cfg_for(tmp_path, crm_epochs=4, llm_epochs=2)
+    full = L.run(cfg)
+    part = dataclasses.replace(cfg, out=str(tmp_path / "part"))
+    for stop in (1, 3):  # killed after SASRec, then again after the first LLM stage
+        L.run(dataclasses.replace(part, resume=stop > 1), stop_after=stop)
+    resumed = L.run(dataclasses.replace(part, resume=True))
+
+    assert resumed["models"] == full["models"]
+    assert [(s["valid"], s["test"]) for s in resumed["rounds"]] == [(s["valid"], s["test"]) for s in full["rounds"]]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_cli_end_to_end(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, os.path.join(HERE, "llmd4rec.py"), "--out", str(out), "--crm-epochs", "3",
+           "--llm-epochs", "1", "--rounds", "1", "--d", "16", "--llm-dim", "16", "--llm-heads", "2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((out / "results.json").read_text())
+    keys = {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"}
+    for name in ("SASRec", "E4SRec", "LLMD4Rec_C", "LLMD4Rec_L"):
+        assert set(res["models"][name]["valid"]) == keys and set(res["models"][name]["test"]) == keys
+    assert res["dataset"]["name"] == "synthetic" and res["dataset"]["items"] == 120
+    assert "round 0 SASRec" in res["timing"]
+    assert json.loads((out / "config.json").read_text())["d"] == 16
+    assert "NDCG@10" in p.stdout
+    # the same command again refuses to overwrite, with one line and no traceback
+    p2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert p2.returncode == 2 and p2.stderr.startswith("error: --out") and "Traceback" not in p2.stderr
+
+
+def test_cli_bad_data_is_one_line(tmp_path):
+    bad = write(tmp_path, "1 2 3\n2 3 oops\n")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "llmd4rec.py"), "--data", bad, "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=ENV)
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"error: {bad}:2: expected integer ids, got 'oops'"
+    assert not (tmp_path / "o").exists()
