@@ -26,13 +26,16 @@ Run:
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,7 +55,8 @@ def arg(default, help):
 @dataclass
 class Config:
     # data and run
-    data: str = arg("synthetic", "dataset file ('user item item ...' a line, or 'user item' pairs), or 'synthetic'")
+    data: str = arg("synthetic", "dataset file ('user item item ...' a line, or 'user item' pairs), "
+                    "'synthetic', or beauty | sports | toys | yelp (downloaded once, sha256-checked)")
     out: str = arg("runs/default", "folder for results.json, config.json and checkpoint.pt")
     overwrite: bool = arg(False, "allow replacing the results of an earlier run in --out")
     resume: bool = arg(False, "continue the interrupted run in --out from its last finished stage")
@@ -260,15 +264,62 @@ def split(seqs, max_len, name):
             train_x.append(inp[max(0, end - max_len):end]), train_y.append(tgt[max(0, end - max_len):end])
     if not test_y:
         raise UserError(f"{name}: no user has 3 or more items; nothing to validate or test on")
+    if not any(train_y):
+        raise UserError(f"{name}: no user has 4 or more items; nothing to train on")
     return Data(name, len(seqs), len(item_ids), sum(len(s) for s in seqs.values()),
                 left_pad(train_x, max_len), left_pad(train_y, max_len), left_pad(valid_x, max_len),
                 torch.tensor(valid_y), left_pad(test_x, max_len), torch.tensor(test_y))
 
 
+# The paper's preprocessed files, as published in the data/ folder of salesforce/ICLRec (also used by S3Rec
+# and E4SRec); the sha256 pins the exact content.
+DATA_URL = "https://raw.githubusercontent.com/salesforce/ICLRec/master/data/"
+DATASETS = {
+    "beauty": ("Beauty.txt", "226cce9c3105299ca0db9615d7d3fb32b3175e90da43100ae352599f0f0107b8"),
+    "sports": ("Sports_and_Outdoors.txt", "2a095e0648872beb9982408958290f5d655db5be2911c3756b5446de9f0b8de2"),
+    "toys": ("Toys_and_Games.txt", "176c680c688d497598c4a89a03b402c0fe78d795e5db335c2e78dd5f2d778a3f"),
+    "yelp": ("Yelp.txt", "724b219106b81dd2349027da997334ddb6da9fe2f152ad6e0d97a93170f7caed"),
+}
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_dataset(name):
+    """Path of a named dataset in the cache ($LLMD4REC_CACHE or ~/.cache/llmd4rec), downloaded once and verified."""
+    file, digest = DATASETS[name]
+    cache = os.environ.get("LLMD4REC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmd4rec")
+    path = os.path.join(cache, file)
+    if not os.path.isfile(path):
+        url = DATA_URL + file
+        os.makedirs(cache, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh, urllib.request.urlopen(url, timeout=30) as response:
+                shutil.copyfileobj(response, fh)
+            if sha256(tmp) != digest:
+                raise UserError(f"--data {name}: {url} has sha256 {sha256(tmp)}, expected {digest}; nothing was cached")
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UserError(f"--data {name}: cannot download {url} ({e}); put {file} at {path}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if sha256(path) != digest:
+        raise UserError(f"--data {name}: {path} does not match its pinned sha256 {digest}; delete it to download again")
+    return path
+
+
 def load_data(cfg):
     if cfg.data == "synthetic":
         return split(synthetic_sequences(cfg.seed), cfg.max_len, "synthetic")
-    return split(read_sequences(cfg.data), cfg.max_len, os.path.basename(cfg.data))
+    path = fetch_dataset(cfg.data) if cfg.data in DATASETS else cfg.data
+    return split(read_sequences(path), cfg.max_len, os.path.basename(path))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -643,7 +694,10 @@ def prepare_out(cfg):
     if cfg.resume:
         if not os.path.isfile(ckpt):
             raise UserError(f"--resume: {ckpt} not found")
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise UserError(f"--resume: {ckpt} cannot be read ({type(e).__name__}); it was not written by a finished stage")
         if state["config"] != {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite")}:
             raise UserError(f"--resume: the flags differ from those of the run in {cfg.out} (see its config.json)")
         return state

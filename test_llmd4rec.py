@@ -379,3 +379,101 @@ def test_cli_bad_data_is_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip() == f"error: {bad}:2: expected integer ids, got 'oops'"
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+
+BAD = [  # (extra flags, exact error message); {out} and {tmp} are filled in
+    (["--T1", "0"], "--T1 and --T2 must be > 0"),
+    (["--rounds", "-1"], "--rounds must be >= 0"),
+    (["--lambda2", "-0.5"], "--lambda1 and --lambda2 must be >= 0"),
+    (["--max-len", "1"], "--max-len must be >= 2"),
+    (["--direction", "sideways"], "--direction must be both, up or down"),
+    (["--d", "30", "--crm-heads", "4"], "--d must be divisible by --crm-heads"),
+    (["--num-candidates", "120"], "--num-candidates must be < the number of items (120)"),
+    (["--data", "{tmp}/missing.txt"], "{tmp}/missing.txt: file not found (expected a dataset file or 'synthetic')"),
+    (["--data", "{tmp}/three.txt"], "three.txt: no user has 4 or more items; nothing to train on"),
+    (["--llm", "no-such-org/no-such-model"], None),  # message checked by prefix below
+    (["--resume"], "--resume and --overwrite exclude each other"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD)
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    (tmp_path / "three.txt").write_text("1 1 2 3\n2 2 3 4\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("earlier results")
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert L.main(["--out", str(out), "--overwrite", "--crm-epochs", "1", "--llm-epochs", "1"] + flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    if message is None:
+        assert err.startswith("error: --llm no-such-org/no-such-model: cannot load (not a local folder")
+    else:
+        assert err == f"error: {message.format(tmp=tmp_path)}\n"
+    assert os.listdir(out) == ["results.json"] and (out / "results.json").read_text() == "earlier results"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_request_without_cuda(tmp_path, capsys):
+    assert L.main(["--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "error: --device cuda: CUDA is not available on this machine\n"
+
+
+def test_resume_after_a_crash_mid_stage(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path, crm_epochs=3, llm_epochs=2)
+    full = L.run(cfg)
+    part = dataclasses.replace(cfg, out=str(tmp_path / "part"))
+    calls, real = [], L.evaluate
+
+    def crash(*a, **kw):  # dies inside the LLM stage of round 1, before that stage is saved
+        calls.append(1)
+        if len(calls) == 14:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(L, "evaluate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        L.run(part)
+    monkeypatch.setattr(L, "evaluate", real)
+    assert not os.path.exists(os.path.join(part.out, "results.json"))
+    resumed = L.run(dataclasses.replace(part, resume=True))
+    assert resumed["models"] == full["models"]
+
+
+def test_unreadable_checkpoint_is_refused(tmp_path):
+    cfg = cfg_for(tmp_path)
+    os.makedirs(cfg.out)
+    with open(os.path.join(cfg.out, "checkpoint.pt"), "wb") as fh:
+        fh.write(b"PK\x03\x04 half a file")
+    with pytest.raises(L.UserError, match="cannot be read"):
+        L.run(dataclasses.replace(cfg, resume=True))
+
+
+def test_named_dataset_download_verify_and_cache(tmp_path, monkeypatch):
+    src = tmp_path / "mirror"
+    src.mkdir()
+    (src / "tiny.txt").write_text("1 1 2 3 4\n2 2 3 4 5\n")
+    good = L.sha256(str(src / "tiny.txt"))
+    monkeypatch.setattr(L, "DATA_URL", src.as_uri() + "/")
+    monkeypatch.setenv("LLMD4REC_CACHE", str(tmp_path / "cache"))
+    # a corrupted download: clear error, nothing cached
+    monkeypatch.setitem(L.DATASETS, "tiny", ("tiny.txt", "0" * 64))
+    with pytest.raises(L.UserError, match="expected 0000.*nothing was cached"):
+        L.fetch_dataset("tiny")
+    assert os.listdir(tmp_path / "cache") == []
+    monkeypatch.setitem(L.DATASETS, "tiny", ("tiny.txt", good))
+    path = L.fetch_dataset("tiny")
+    assert path == str(tmp_path / "cache" / "tiny.txt") and L.read_sequences(path) == {1: [1, 2, 3, 4], 2: [2, 3, 4, 5]}
+    # cached: the mirror can disappear
+    (src / "tiny.txt").unlink()
+    assert L.fetch_dataset("tiny") == path
+    # offline with no cached copy: says where to put the file
+    os.remove(path)
+    with pytest.raises(L.UserError, match=f"cannot download .*put tiny.txt at {path}"):
+        L.fetch_dataset("tiny")
