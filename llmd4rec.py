@@ -613,7 +613,7 @@ def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, T, lam, tag, ge
     for epoch in range(1, epochs + 1):
         t0 = time.time()
         student.train()
-        tot, n, better = 0.0, 0, 0.0
+        tot, n, better = torch.zeros((), device=dev), 0, torch.zeros((), device=dev)  # summed on the device
         for idx in batches(data, cfg.batch_size, gen):
             x, y = data.train_x[idx], data.train_y[idx]
             first = first_item_column(x)
@@ -633,17 +633,17 @@ def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, T, lam, tag, ge
                 r_s, r_t = ranks(logits.detach(), tidx), ranks(t_logits, tidx)
                 w = torch.ones_like(r_s, dtype=torch.float) if cfg.no_weight else adaptive_weight(r_s, r_t)
                 loss = loss + lam * (w * kd_loss(logits, t_logits, T)).mean()
-                better += (r_t < r_s).float().sum().item()
+                better += (r_t < r_s).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot, n = tot + loss.item() * len(target), n + len(target)
+            tot, n = tot + loss.detach() * len(target), n + len(target)
         metrics = evaluate(student, data.valid_x, data.valid_y, cfg.exclude_seen)
-        line = {"epoch": epoch, "loss": tot / n, "valid": metrics, "seconds": time.time() - t0}
+        line = {"epoch": epoch, "loss": tot.item() / n, "valid": metrics, "seconds": time.time() - t0}
         if t_hidden is not None:
-            line["teacher_better"] = better / n  # share of samples with r_teacher < r_student
+            line["teacher_better"] = better.item() / n  # share of samples with r_teacher < r_student
         log.append(line)
-        print(f"round {tag[0]} | {tag[1]:6s} | epoch {epoch:3d} | loss {tot / n:.4f} | valid HR@10 {metrics['HR@10']:.4f}"
+        print(f"round {tag[0]} | {tag[1]:6s} | epoch {epoch:3d} | loss {line['loss']:.4f} | valid HR@10 {metrics['HR@10']:.4f}"
               f" NDCG@10 {metrics['NDCG@10']:.4f} | {line['seconds']:.1f} s", flush=True)
         if metrics["NDCG@10"] > best:
             best, bad = metrics["NDCG@10"], 0
