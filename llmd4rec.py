@@ -427,16 +427,21 @@ def load_backbone(cfg):
                            num_key_value_heads=cfg.llm_heads, max_position_embeddings=cfg.max_len + len(ids),
                            attention_dropout=cfg.llm_dropout, initializer_range=0.02)
         return AutoModel.from_config(conf, attn_implementation="sdpa"), ids
+    def load(local_files_only):
+        return (AutoTokenizer.from_pretrained(cfg.llm, local_files_only=local_files_only),
+                AutoModel.from_pretrained(cfg.llm, local_files_only=local_files_only, attn_implementation="sdpa"))
+
     local = os.path.isdir(cfg.llm)
     try:  # the local cache first, so that an offline machine answers at once
-        tok = AutoTokenizer.from_pretrained(cfg.llm, local_files_only=True)
-        model = AutoModel.from_pretrained(cfg.llm, local_files_only=True, attn_implementation="sdpa")
+        tok, model = load(local_files_only=True)
     except Exception as e:
+        where = "a local folder" if local else "not a local folder, not in the local cache, and the hub is unreachable"
         if local or not hub_reachable():
-            where = "a local folder" if local else "not a local folder, not in the local cache, and the hub is unreachable"
-            raise UserError(f"--llm {cfg.llm}: cannot load ({where}): {str(e).splitlines()[0][:200]}")
-        tok = AutoTokenizer.from_pretrained(cfg.llm)
-        model = AutoModel.from_pretrained(cfg.llm, attn_implementation="sdpa")
+            raise UserError(f"--llm {cfg.llm}: cannot load ({where}): {str(e).splitlines()[0][:200]}") from None
+        try:
+            tok, model = load(local_files_only=False)
+        except Exception as e:
+            raise UserError(f"--llm {cfg.llm}: cannot load from the hub: {str(e).splitlines()[0][:200]}") from None
     n = add_lora(model, set(cfg.lora_targets.split(",")), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     if n == 0:
         raise UserError(f"--lora-targets {cfg.lora_targets}: no such nn.Linear modules in {cfg.llm}")
