@@ -60,6 +60,8 @@ class Config:
     out: str = arg("runs/default", "folder for results.json, config.json and checkpoint.pt")
     overwrite: bool = arg(False, "allow replacing the results of an earlier run in --out")
     resume: bool = arg(False, "continue the interrupted run in --out from its last finished stage")
+    baselines: str = arg("", "start the rounds from the baselines.pt of an earlier run with the same data and "
+                             "model flags, skipping round 0 (for ablations)")
     seed: int = arg(0, "seed for data generation, initialisation, shuffling and dropout")
     device: str = arg("auto", "auto | cpu | cuda (auto picks CUDA when present)")
     max_len: int = arg(50, "history length: only the last max_len items of a history are used")
@@ -135,6 +137,7 @@ def check_config(cfg):
         (cfg.device not in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
         (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda: CUDA is not available on this machine"),
         (cfg.resume and cfg.overwrite, "--resume and --overwrite exclude each other"),
+        (cfg.resume and cfg.baselines != "", "--resume and --baselines exclude each other"),
     ]
     for bad, msg in problems:
         if bad:
@@ -693,22 +696,36 @@ def save_atomic(obj, path):
             os.remove(tmp)
 
 
+RUN_FLAGS = ("out", "resume", "overwrite", "baselines")  # where and how, not what is trained
+ROUND_FLAGS = ("rounds", "T1", "T2", "lambda1", "lambda2", "direction", "no_weight", "no_id_update")
+
+
+def flags(config, leave_out=()):
+    return {k: v for k, v in config.items() if k not in leave_out}
+
+
+def load_state(path, flag, cfg, leave_out):
+    """A checkpoint written by a finished stage of a run with the same flags (but those left out)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag}: {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{flag}: {path} cannot be read ({type(e).__name__}); it was not written by a finished stage")
+    if flags(state["config"], leave_out) != flags(dataclasses.asdict(cfg), leave_out):
+        raise UserError(f"{flag}: the flags differ from those of the run that wrote {path}")
+    return state
+
+
 def prepare_out(cfg):
-    """Refuse to touch an earlier run's results unless asked; return the checkpoint to resume from, if any."""
-    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    """Refuse to touch an earlier run's results unless asked; return the checkpoint to start from, if any."""
     if cfg.resume:
-        if not os.path.isfile(ckpt):
-            raise UserError(f"--resume: {ckpt} not found")
-        try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise UserError(f"--resume: {ckpt} cannot be read ({type(e).__name__}); it was not written by a finished stage")
-        if state["config"] != {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite")}:
-            raise UserError(f"--resume: the flags differ from those of the run in {cfg.out} (see its config.json)")
-        return state
+        return load_state(os.path.join(cfg.out, "checkpoint.pt"), "--resume", cfg, RUN_FLAGS)
     taken = [f for f in ("results.json", "checkpoint.pt") if os.path.exists(os.path.join(cfg.out, f))]
     if taken and not cfg.overwrite:
         raise UserError(f"--out {cfg.out} already holds {', '.join(taken)}; pass --overwrite, --resume or another --out")
+    if cfg.baselines:
+        return load_state(cfg.baselines, "--baselines", cfg, RUN_FLAGS + ROUND_FLAGS)
     return None
 
 
@@ -724,7 +741,7 @@ def run(cfg, stop_after=None):
     gen = torch.Generator().manual_seed(cfg.seed)
     crm = SASRec(data.num_items, cfg).to(dev)
     llm = build_llm(cfg, crm, data.num_items).to(dev) if cfg.llm_epochs > 0 else None
-    cfg_dict = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite")}
+    cfg_dict = flags(dataclasses.asdict(cfg), ("resume", "overwrite"))
     res = {"dataset": data.summary(), "protocol": protocol(cfg), "models": {}, "rounds": [], "timing": {}}
     done = 0
     if state is not None:
@@ -734,7 +751,7 @@ def run(cfg, stop_after=None):
         res, done = state["results"], state["done"]
         torch.set_rng_state(state["rng"])
         gen.set_state(state["gen"])
-        print(f"resuming {cfg.out} after stage {done} of {len(stages(cfg))}")
+        print(f"starting from {cfg.baselines or cfg.out} after stage {done} of {len(stages(cfg))}")
     print(f"data {data.name}: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions | "
           f"device {dev} | protocol: {res['protocol']}")
     os.makedirs(cfg.out, exist_ok=True)
@@ -764,9 +781,11 @@ def run(cfg, stop_after=None):
         if rnd == 0:
             res["models"][name] = metrics
         select_best(res)
-        save_atomic({"config": cfg_dict, "crm": crm.state_dict(), "llm": llm.state_dict() if llm else None,
-                     "results": res, "done": i + 1, "rng": torch.get_rng_state(),
-                     "gen": gen.get_state()}, os.path.join(cfg.out, "checkpoint.pt"))
+        state = {"config": cfg_dict, "crm": crm.state_dict(), "llm": llm.state_dict() if llm else None,
+                 "results": res, "done": i + 1, "rng": torch.get_rng_state(), "gen": gen.get_state()}
+        save_atomic(state, os.path.join(cfg.out, "checkpoint.pt"))
+        if rnd == 0 and i + 1 == sum(r == 0 for r, _ in stages(cfg)):  # the baselines, for --baselines
+            save_atomic(state, os.path.join(cfg.out, "baselines.pt"))
         if stop_after is not None and i + 1 >= stop_after:
             return None
     save_atomic(cfg_dict, os.path.join(cfg.out, "config.json"))

@@ -477,3 +477,15 @@ def test_named_dataset_download_verify_and_cache(tmp_path, monkeypatch):
     os.remove(path)
     with pytest.raises(L.UserError, match=f"cannot download .*put tiny.txt at {path}"):
         L.fetch_dataset("tiny")
+
+
+def test_ablation_from_saved_baselines_equals_a_full_run(tmp_path):
+    cfg = cfg_for(tmp_path, crm_epochs=3, llm_epochs=2, no_weight=True)
+    full = L.run(cfg)
+    first = L.run(dataclasses.replace(cfg, no_weight=False, out=str(tmp_path / "first")))
+    assert first["models"]["SASRec"] == full["models"]["SASRec"]
+    baselines = str(tmp_path / "first" / "baselines.pt")
+    ablation = L.run(dataclasses.replace(cfg, out=str(tmp_path / "ablation"), baselines=baselines))
+    assert ablation["models"] == full["models"]
+    with pytest.raises(L.UserError, match="flags differ"):  # other model flags: refused
+        L.run(dataclasses.replace(cfg, d=16, out=str(tmp_path / "other"), baselines=baselines))
