@@ -320,9 +320,11 @@ def fetch_dataset(name):
         try:
             with os.fdopen(fd, "wb") as fh, urllib.request.urlopen(url, timeout=30) as response:
                 shutil.copyfileobj(response, fh)
-            if sha256(tmp) != digest:
-                raise UserError(f"--data {name}: {url} has sha256 {sha256(tmp)}, expected {digest}; nothing was cached")
+            got = sha256(tmp)
+            if got != digest:
+                raise UserError(f"--data {name}: {url} has sha256 {got}, expected {digest}; nothing was cached")
             os.replace(tmp, path)
+            return path
         except OSError as e:
             raise UserError(f"--data {name}: cannot download {url} ({e}); put {file} at {path}") from None
         finally:
