@@ -502,16 +502,23 @@ class LLMScorer(nn.Module):
     # over [instruction][i_1 .. i_n] and read the hidden state at every item, so all n targets cost one
     # forward; the response prompt is dropped (it cannot follow every prefix in one causal pass).
     def hidden(self, seq):  # seq (B, L) left-padded item ids -> (B, L, D)
+        from transformers import DynamicCache
+
         B, L = seq.shape
         P = len(self.prompt_ids)
-        prompt = self.backbone.get_input_embeddings()(self.prompt_ids).expand(B, P, -1)  # (B, P, D)
+        valid = (seq > 0).long()
         soft = self.drop(self.W_in(self.E_c[seq]))  # (B, L, D) soft tokens
-        x = torch.cat([prompt, soft.to(prompt.dtype)], 1)  # (B, P+L, D); padding sits between prompt and items
-        att = torch.cat([torch.ones(B, P, dtype=torch.long, device=seq.device), (seq > 0).long()], 1)
-        pos = (att.cumsum(1) - 1).clamp(min=0)  # as if the padding were not there
+        att = torch.cat([torch.ones(B, P, dtype=torch.long, device=seq.device), valid], 1)  # padding sits between
+        pos = P + (valid.cumsum(1) - 1).clamp(min=0)  # positions as if the padding were not there
         with torch.autocast("cuda", torch.bfloat16, enabled=seq.is_cuda and torch.cuda.is_bf16_supported()):
-            h = self.backbone(inputs_embeds=x, attention_mask=att, position_ids=pos).last_hidden_state
-        return h[:, P:].float()  # the state at item t predicts item t+1
+            # The instruction is the same for every user and comes first, so its keys and values are computed once
+            # and shared by the batch (exact; in training its attention-dropout mask is shared too).
+            cache = DynamicCache(config=self.backbone.config)
+            self.backbone(input_ids=self.prompt_ids[None], cache=cache, use_cache=True)
+            cache.batch_repeat_interleave(B)
+            h = self.backbone(inputs_embeds=soft.to(self.W_out.weight.dtype), attention_mask=att, position_ids=pos,
+                              cache=cache, use_cache=True).last_hidden_state
+        return h.float()  # the state at item t predicts item t+1
 
     def score(self, h, cand=None):  # h (M, D)
         if cand is None:
@@ -528,11 +535,30 @@ def build_llm(cfg, crm, num_items):
 # Losses and sample-wise adaptive weights
 
 
+class _KL(torch.autograd.Function):
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row, with its gradient T * (softmax(s/T) - softmax(t/T)) written
+    out: two (rows x items) tensors are kept for the backward pass instead of autograd's chain of them."""
+
+    @staticmethod
+    def forward(ctx, s, t, T):
+        log_p_s = F.log_softmax(s.float() / T, -1)
+        log_p_t = F.log_softmax(t.float() / T, -1)
+        p_t = log_p_t.exp()
+        kl = torch.bmm(p_t[:, None], log_p_t.sub_(log_p_s)[:, :, None]).view(-1)  # sum_j p_t (log p_t - log p_s)
+        ctx.save_for_backward(log_p_s, p_t)
+        ctx.T, ctx.dtype = T, s.dtype
+        return T * T * kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        log_p_s, p_t = ctx.saved_tensors
+        return log_p_s.exp_().sub_(p_t).mul_(grad[:, None] * ctx.T).to(ctx.dtype), None, None
+
+
 def kd_loss(student_logits, teacher_logits, T):
     """Per-sample T^2 * KL(p_teacher^T || p_student^T), summed over items; the teacher is detached. (M,)"""
-    log_p_s = F.log_softmax(student_logits.float() / T, -1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / T, -1)
-    return T * T * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return _KL.apply(student_logits, teacher_logits.detach(), T)
 
 
 def ranks(logits, target_idx):
@@ -571,6 +597,8 @@ def evaluate(model, x, y, exclude_seen=False, batch=1024):
     """HR@k and NDCG@k of the target among all N items; rank = other items scoring >= the target."""
     model.eval()
     dev = next(model.parameters()).device
+    order = (x > 0).sum(1).argsort(stable=True)  # short histories together: batches carry little padding
+    x, y = x[order], y[order]
     rank_all = []
     for i in range(0, len(y), batch):
         seq, tgt = x[i:i + batch], y[i:i + batch].to(dev)
@@ -619,6 +647,40 @@ def batches(data, size, gen):
     return [out[i] for i in torch.randperm(len(out), generator=gen)]
 
 
+CHUNK = 2048  # training targets whose (targets x items) logits are held at once
+
+
+def objective(student, teacher, h, t_h, tidx, cand, T, lam, no_weight):
+    """Summed CE (+ lam * w * T^2 * KL from the teacher, when t_h is given) over the rows of h; and how many rows
+    the teacher ranks the true item better than the student."""
+    logits = student.score(h, cand)  # (M, N) or (M, 1+K)
+    loss = F.cross_entropy(logits.float(), tidx, reduction="sum")
+    if t_h is None:
+        return loss, 0
+    t_logits = teacher.score(t_h, cand).detach()
+    r_s, r_t = ranks(logits.detach(), tidx), ranks(t_logits, tidx)
+    w = torch.ones_like(r_s, dtype=torch.float) if no_weight else adaptive_weight(r_s, r_t)
+    return loss + lam * (w * kd_loss(logits, t_logits, T)).sum(), (r_t < r_s).sum()
+
+
+def backward(student, teacher, h, t_h, tidx, cand, T, lam, no_weight):
+    """Back-propagate the objective averaged over the rows of h (M, D); return its sum and the teacher-better count.
+
+    The (M x items) logits are built and back-propagated CHUNK rows at a time: the same gradient, with memory
+    bounded by the chunk instead of by the longest batch.
+    """
+    h_chunks = h.detach().requires_grad_()
+    total, better = 0.0, 0
+    for i in range(0, len(h), CHUNK):
+        r = slice(i, i + CHUNK)
+        loss, n_better = objective(student, teacher, h_chunks[r], None if t_h is None else t_h[r], tidx[r],
+                                   None if cand is None else cand[r], T, lam, no_weight)
+        (loss / len(h)).backward()
+        total, better = total + loss.detach(), better + n_better
+    h.backward(h_chunks.grad)
+    return total, better
+
+
 def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, T, lam, tag, gen):
     """Train `student` for at most `epochs`; keep the weights with the best validation NDCG@10.
 
@@ -651,18 +713,11 @@ def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, T, lam, tag, ge
                 neg = torch.randint(1, data.num_items, (len(target), cfg.num_candidates), generator=gen).to(dev)
                 cand = torch.cat([target[:, None], neg + (neg >= target[:, None]).long()], 1)  # (M, 1+K)
             tidx = torch.zeros_like(target) if cand is not None else target - 1
-            logits = student.score(student.hidden(x)[m], cand)  # (M, N) or (M, 1+K)
-            loss = F.cross_entropy(logits.float(), tidx)
-            if t_hidden is not None:
-                t_logits = teacher.score(t_hidden[flat[idx][:, first:].to(dev)[m]], cand).detach()
-                r_s, r_t = ranks(logits.detach(), tidx), ranks(t_logits, tidx)
-                w = torch.ones_like(r_s, dtype=torch.float) if cfg.no_weight else adaptive_weight(r_s, r_t)
-                loss = loss + lam * (w * kd_loss(logits, t_logits, T)).mean()
-                better += (r_t < r_s).sum()
+            t_rows = t_hidden[flat[idx][:, first:].to(dev)[m]] if t_hidden is not None else None
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, n_better = backward(student, teacher, student.hidden(x)[m], t_rows, tidx, cand, T, lam, cfg.no_weight)
             opt.step()
-            tot, n = tot + loss.detach() * len(target), n + len(target)
+            tot, n, better = tot + loss, n + len(target), better + n_better
         metrics = evaluate(student, data.valid_x, data.valid_y, cfg.exclude_seen)
         line = {"epoch": epoch, "loss": tot.item() / n, "valid": metrics, "seconds": time.time() - t0}
         if t_hidden is not None:

@@ -308,6 +308,27 @@ def test_round_of_distillation_and_ablation_flags(tmp_path, monkeypatch):
     assert 0 <= crm_stage["teacher_better"] <= 1
 
 
+def test_chunked_logits_give_the_same_gradient(monkeypatch):
+    cfg = L.Config(d=32, llm_dim=32, llm_layers=1, llm_heads=2)
+    data = L.load_data(cfg)
+    crm = L.SASRec(data.num_items, cfg).eval()
+    llm = L.build_llm(cfg, crm, data.num_items).eval()
+    x, y = data.train_x[:64], data.train_y[:64]
+    m = y > 0
+    t_h = llm.hidden(x)[m].detach()
+    grads, sums = [], []
+    for chunk in (10 ** 6, 7):  # one chunk per batch, or many
+        monkeypatch.setattr(L, "CHUNK", chunk)
+        crm.zero_grad()
+        loss, better = L.backward(crm, llm, crm.hidden(x)[m], t_h, y[m] - 1, None, 2.0, 0.5, False)
+        grads.append([p.grad.clone() for p in crm.parameters()])
+        sums.append((loss.item(), int(better)))
+    assert m.sum() > 7 * 10 and grads[0][0].abs().sum() > 0
+    assert sums[0][1] == sums[1][1] and math.isclose(sums[0][0], sums[1][0], rel_tol=1e-5)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_no_weight_means_w_equals_one(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(L, "adaptive_weight", lambda *a: calls.append(1) or torch.ones(1))
