@@ -449,7 +449,8 @@ def load_backbone(cfg):
         return AutoModel.from_config(conf, attn_implementation="sdpa"), ids
     def load(local_files_only):
         return (AutoTokenizer.from_pretrained(cfg.llm, local_files_only=local_files_only),
-                AutoModel.from_pretrained(cfg.llm, local_files_only=local_files_only, attn_implementation="sdpa"))
+                AutoModel.from_pretrained(cfg.llm, local_files_only=local_files_only, attn_implementation="sdpa",
+                                          dtype=torch.float32))  # bf16 compute comes from autocast on CUDA
 
     local = os.path.isdir(cfg.llm)
     try:  # the local cache first, so that an offline machine answers at once
@@ -516,7 +517,7 @@ class LLMScorer(nn.Module):
             cache = DynamicCache(config=self.backbone.config)
             self.backbone(input_ids=self.prompt_ids[None], cache=cache, use_cache=True)
             cache.batch_repeat_interleave(B)
-            h = self.backbone(inputs_embeds=soft.to(self.W_out.weight.dtype), attention_mask=att, position_ids=pos,
+            h = self.backbone(inputs_embeds=soft.to(self.backbone.dtype), attention_mask=att, position_ids=pos,
                               cache=cache, use_cache=True).last_hidden_state
         return h.float()  # the state at item t predicts item t+1
 

@@ -146,7 +146,7 @@ def tiny_pretrained(tmp_path):
     conf = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(conf).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(conf).to(torch.bfloat16).save_pretrained(folder)  # as released LLMs are
     return str(folder), bpe.encode(L.INSTRUCTION).ids
 
 
@@ -155,7 +155,7 @@ def test_from_pretrained_with_lora(tmp_path):
 
     folder, prompt_ids = tiny_pretrained(tmp_path)
     cfg = cfg_for(tmp_path, llm=folder, max_len=8, llm_dropout=0.0, lora_dropout=0.0)
-    base = AutoModel.from_pretrained(folder).eval()
+    base = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
     crm = L.SASRec(20, cfg)
     llm = L.build_llm(cfg, crm, 20).eval()
     # LoRA starts as the identity: the adapted backbone equals the base model
