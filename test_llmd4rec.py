@@ -290,6 +290,15 @@ def test_models_learn_the_synthetic_data_and_runs_repeat(tmp_path):
     assert again["models"] == res["models"]
 
 
+def test_one_round_improves_both_models(tmp_path):
+    # On the synthetic data a round without distillation (--direction up for the LLM, down for SASRec) gains as
+    # much (README): this checks that a round warm-starts both models and improves them, not the KD itself.
+    res = L.run(cfg_for(tmp_path))
+    valid = {s["stage"]: s["valid"]["NDCG@10"] for s in res["rounds"]}
+    assert valid["LLM"] > valid["E4SRec"] + 0.02 and valid["CRM"] > valid["SASRec"] + 0.01, valid
+    assert res["models"]["LLMD4Rec_C"]["round"] == res["models"]["LLMD4Rec_L"]["round"] == 1
+
+
 def test_round_of_distillation_and_ablation_flags(tmp_path, monkeypatch):
     seen = []
     real = L.train_stage
