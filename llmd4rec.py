@@ -513,7 +513,8 @@ class LLMScorer(nn.Module):
         pos = P + (valid.cumsum(1) - 1).clamp(min=0)  # positions as if the padding were not there
         with torch.autocast("cuda", torch.bfloat16, enabled=seq.is_cuda and torch.cuda.is_bf16_supported()):
             # The instruction is the same for every user and comes first, so its keys and values are computed once
-            # and shared by the batch (exact; in training its attention-dropout mask is shared too).
+            # and shared by the batch: the same outputs in evaluation; in training the dropout on the instruction's
+            # own attention is then shared by the batch too.
             cache = DynamicCache(config=self.backbone.config)
             self.backbone(input_ids=self.prompt_ids[None], cache=cache, use_cache=True)
             cache.batch_repeat_interleave(B)
