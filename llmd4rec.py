@@ -537,36 +537,66 @@ def build_llm(cfg, crm, num_items):
 # Losses and sample-wise adaptive weights
 
 
-class _KL(torch.autograd.Function):
-    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row, with its gradient T * (softmax(s/T) - softmax(t/T)) written
-    out: two (rows x items) tensors are kept for the backward pass instead of autograd's chain of them."""
+def softmax_lse(x):
+    """softmax(x) over the last dim and logsumexp(x), from one exp per element."""
+    p = torch.softmax(x, -1)
+    return p, x.amax(-1) - p.amax(-1).log()  # p at the arg-max is exp(max - lse) >= 1/N, so its log is safe
+
+
+class _DistillCE(torch.autograd.Function):
+    """Per row: CE(s, target) + c * T^2 * KL(softmax(t/T) || softmax(s/T)); without a target, the KD term alone.
+
+    Written out so that each softmax is computed once and shared by the loss and its gradient with respect to s,
+    (p_s - onehot(target)) + c * T * (p_s^T - p_t^T); two (rows x items) tensors are kept for the backward pass.
+    """
 
     @staticmethod
-    def forward(ctx, s, t, T):
-        log_p_s = F.log_softmax(s.float() / T, -1)
-        log_p_t = F.log_softmax(t.float() / T, -1)
-        p_t = log_p_t.exp()
-        kl = torch.bmm(p_t[:, None], log_p_t.sub_(log_p_s)[:, :, None]).view(-1)  # sum_j p_t (log p_t - log p_s)
-        ctx.save_for_backward(log_p_s, p_t)
+    def forward(ctx, s, t, target, c, T):
         ctx.T, ctx.dtype = T, s.dtype
-        return T * T * kl
+        s, t = s.float(), t.float()
+        p_s, lse_s = softmax_lse(s)
+        s_T, t_T = (s, t) if T == 1 else (s / T, t / T)
+        p_sT, lse_sT = (p_s, lse_s) if T == 1 else softmax_lse(s_T)
+        p_tT, lse_tT = softmax_lse(t_T)
+        # KL = sum_j p_t,j (log p_t,j - log p_s,j) with log p_j = x_j / T - lse(x / T)
+        kl = (torch.linalg.vecdot(p_tT, t_T - s_T) + lse_sT - lse_tT).clamp_(min=0)
+        loss = c * (T * T) * kl
+        if target is not None:
+            loss = loss + lse_s - s.gather(1, target[:, None]).squeeze(1)
+        ctx.save_for_backward(p_s if target is not None else None, p_sT, p_tT, target, c)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        log_p_s, p_t = ctx.saved_tensors
-        return log_p_s.exp_().sub_(p_t).mul_(grad[:, None] * ctx.T).to(ctx.dtype), None, None
+        p_s, p_sT, p_tT, target, c = ctx.saved_tensors
+        k = (grad * c * ctx.T)[:, None]  # (M, 1) weight of the KD gradient per row
+        if target is None:
+            g = p_sT.sub_(p_tT).mul_(k)
+        elif ctx.T == 1:  # p_s^T is p_s: one pass, (grad + k) p_s - k p_t
+            g = p_s.mul_(grad[:, None] + k).sub_(p_tT.mul_(k))
+        else:
+            g = p_sT.sub_(p_tT).mul_(k).add_(p_s.mul_(grad[:, None]))
+        if target is not None:
+            g.scatter_add_(1, target[:, None], -grad[:, None])
+        return g.to(ctx.dtype), None, None, None, None
+
+
+def distill_ce(student_logits, teacher_logits, target, c, T):
+    """Per-sample CE(student, target) + c * T^2 * KL(p_teacher^T || p_student^T); the teacher is detached. (M,)"""
+    return _DistillCE.apply(student_logits, teacher_logits.detach(), target, c, T)
 
 
 def kd_loss(student_logits, teacher_logits, T):
     """Per-sample T^2 * KL(p_teacher^T || p_student^T), summed over items; the teacher is detached. (M,)"""
-    return _KL.apply(student_logits, teacher_logits.detach(), T)
+    c = torch.ones(len(student_logits), device=student_logits.device)
+    return _DistillCE.apply(student_logits, teacher_logits.detach(), None, c, T)
 
 
 def ranks(logits, target_idx):
     """Rank of the target (0 = top): how many other items score >= it, so ties never favour it. (M,)"""
     t = logits.gather(1, target_idx[:, None])
-    return (logits >= t).sum(1) - 1
+    return (logits >= t).sum(1, dtype=torch.int32) - 1
 
 
 def adaptive_weight(r_student, r_teacher):
@@ -656,13 +686,12 @@ def objective(student, teacher, h, t_h, tidx, cand, T, lam, no_weight):
     """Summed CE (+ lam * w * T^2 * KL from the teacher, when t_h is given) over the rows of h; and how many rows
     the teacher ranks the true item better than the student."""
     logits = student.score(h, cand)  # (M, N) or (M, 1+K)
-    loss = F.cross_entropy(logits.float(), tidx, reduction="sum")
     if t_h is None:
-        return loss, 0
+        return F.cross_entropy(logits.float(), tidx, reduction="sum"), 0
     t_logits = teacher.score(t_h, cand).detach()
     r_s, r_t = ranks(logits.detach(), tidx), ranks(t_logits, tidx)
     w = torch.ones_like(r_s, dtype=torch.float) if no_weight else adaptive_weight(r_s, r_t)
-    return loss + lam * (w * kd_loss(logits, t_logits, T)).sum(), (r_t < r_s).sum()
+    return distill_ce(logits, t_logits, tidx, lam * w, T).sum(), (r_t < r_s).sum()
 
 
 def backward(student, teacher, h, t_h, tidx, cand, T, lam, no_weight):
@@ -786,8 +815,10 @@ def load_state(path, flag, cfg, leave_out):
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise UserError(f"{flag}: {path} cannot be read ({type(e).__name__}); it was not written by a finished stage")
-    if flags(state["config"], leave_out) != flags(dataclasses.asdict(cfg), leave_out):
-        raise UserError(f"{flag}: the flags differ from those of the run that wrote {path}")
+    then, now = flags(state["config"], leave_out), flags(dataclasses.asdict(cfg), leave_out)
+    if then != now:
+        diff = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})" for k in now if then.get(k) != now[k])
+        raise UserError(f"{flag}: the flags differ from those of the run that wrote {path}: {diff}")
     return state
 
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import llmd4rec as L
 
@@ -197,6 +198,23 @@ def test_kd_loss_matches_float64_formula_value_and_gradient():
     # the teacher gets no gradient
     L.kd_loss(s, t, T).sum().backward()
     assert t.grad is None and s.grad is not None
+
+
+@pytest.mark.parametrize("T", [1.0, 2.5])
+def test_distill_ce_matches_float64_formula_value_and_gradient(T):
+    torch.manual_seed(2)
+    s = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    t = 3 * torch.randn(5, 11, dtype=torch.float64)
+    target, c = torch.tensor([0, 3, 10, 3, 7]), torch.tensor([0.0, 0.5, 1.0, 2.0, 1.5])
+    got = L.distill_ce(s, t, target, c, T)
+    p_t = torch.softmax(t / T, -1)
+    kl = (p_t * (torch.log(p_t) - torch.log_softmax(s / T, -1))).sum(-1)
+    ref = F.cross_entropy(s, target, reduction="none") + c.double() * T ** 2 * kl
+    assert torch.allclose(got.double(), ref, atol=1e-5)
+    weights = torch.rand(5, dtype=torch.float64)  # a non-uniform upstream gradient
+    g_got, = torch.autograd.grad((L.distill_ce(s, t, target, c, T) * weights).sum(), s)
+    g_ref, = torch.autograd.grad((ref * weights).sum(), s)
+    assert torch.allclose(g_got, g_ref, atol=1e-6)
 
 
 def test_kd_loss_nonnegative_zero_on_equal_and_stable():
@@ -517,5 +535,5 @@ def test_ablation_from_saved_baselines_equals_a_full_run(tmp_path):
     baselines = str(tmp_path / "first" / "baselines.pt")
     ablation = L.run(dataclasses.replace(cfg, out=str(tmp_path / "ablation"), baselines=baselines))
     assert ablation["models"] == full["models"]
-    with pytest.raises(L.UserError, match="flags differ"):  # other model flags: refused
+    with pytest.raises(L.UserError, match=r"flags differ .*baselines.pt: --d 32 \(now 16\)$"):  # other model flags
         L.run(dataclasses.replace(cfg, d=16, out=str(tmp_path / "other"), baselines=baselines))
