@@ -60,7 +60,8 @@ class Config:
                     "'synthetic', or beauty | sports | toys | yelp (downloaded once, sha256-checked)")
     out: str = arg("runs/default", "folder for results.json, config.json and checkpoint.pt")
     overwrite: bool = arg(False, "allow replacing the results of an earlier run in --out")
-    resume: bool = arg(False, "continue the interrupted run in --out from its last finished stage")
+    resume: str = arg("", "folder of an interrupted run: continue it from its last finished stage, with the flags "
+                          "it was started with")
     baselines: str = arg("", "start the rounds from the baselines.pt of an earlier run with the same data and "
                              "model flags, skipping round 0 (for ablations)")
     seed: int = arg(0, "seed for data generation, initialisation, shuffling and dropout")
@@ -137,8 +138,8 @@ def check_config(cfg):
         (cfg.direction not in ("both", "up", "down"), "--direction must be both, up or down"),
         (cfg.device not in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
         (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda: CUDA is not available on this machine"),
-        (cfg.resume and cfg.overwrite, "--resume and --overwrite exclude each other"),
-        (cfg.resume and cfg.baselines != "", "--resume and --baselines exclude each other"),
+        (cfg.resume != "" and cfg.overwrite, "--resume and --overwrite exclude each other"),
+        (cfg.resume != "" and cfg.baselines != "", "--resume and --baselines exclude each other"),
     ]
     for bad, msg in problems:
         if bad:
@@ -807,14 +808,19 @@ def flags(config, leave_out=()):
     return {k: v for k, v in config.items() if k not in leave_out}
 
 
-def load_state(path, flag, cfg, leave_out):
-    """A checkpoint written by a finished stage of a run with the same flags (but those left out)."""
+def read_state(path, flag):
+    """A checkpoint written by a finished stage (save_atomic never leaves half a file under this name)."""
     if not os.path.isfile(path):
         raise UserError(f"{flag}: {path} not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise UserError(f"{flag}: {path} cannot be read ({type(e).__name__}); it was not written by a finished stage")
+
+
+def load_state(path, flag, cfg, leave_out):
+    """A checkpoint written by a run with the same flags (but those left out)."""
+    state = read_state(path, flag)
     then, now = flags(state["config"], leave_out), flags(dataclasses.asdict(cfg), leave_out)
     if then != now:
         diff = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})" for k in now if then.get(k) != now[k])
@@ -822,13 +828,27 @@ def load_state(path, flag, cfg, leave_out):
     return state
 
 
+def resume(cfg):
+    """--resume OUT: the interrupted run's own flags (writing to OUT) and its last checkpoint. Flags given along
+    with --resume must agree with them."""
+    state = read_state(os.path.join(cfg.resume, "checkpoint.pt"), "--resume " + cfg.resume)
+    saved = Config(**{**state["config"], "out": cfg.resume, "resume": cfg.resume})
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    clash = [f"--{k.replace('_', '-')} {v} (the run: {getattr(saved, k)})" for k, v in dataclasses.asdict(cfg).items()
+             if k not in ("resume", "overwrite") and v != defaults[k] and v != getattr(saved, k)]
+    if clash:
+        raise UserError(f"--resume {cfg.resume} continues with the flags the run was started with; "
+                        f"given otherwise: {', '.join(clash)}")
+    check_config(dataclasses.replace(saved, baselines=""))  # e.g. a CUDA run resumed on a machine without CUDA
+    return saved, state
+
+
 def prepare_out(cfg):
     """Refuse to touch an earlier run's results unless asked; return the checkpoint to start from, if any."""
-    if cfg.resume:
-        return load_state(os.path.join(cfg.out, "checkpoint.pt"), "--resume", cfg, RUN_FLAGS)
     taken = [f for f in ("results.json", "checkpoint.pt") if os.path.exists(os.path.join(cfg.out, f))]
     if taken and not cfg.overwrite:
-        raise UserError(f"--out {cfg.out} already holds {', '.join(taken)}; pass --overwrite, --resume or another --out")
+        raise UserError(f"--out {cfg.out} already holds {', '.join(taken)}; pass --overwrite, --resume {cfg.out} "
+                        "or another --out")
     if cfg.baselines:
         return load_state(cfg.baselines, "--baselines", cfg, RUN_FLAGS + ROUND_FLAGS)
     return None
@@ -837,10 +857,14 @@ def prepare_out(cfg):
 def run(cfg, stop_after=None):
     """Train the baselines and the R rounds; write OUT/results.json. stop_after (tests) simulates a kill."""
     check_config(cfg)
+    state = None
+    if cfg.resume:
+        cfg, state = resume(cfg)
     data = load_data(cfg)
     if cfg.num_candidates >= data.num_items:
         raise UserError(f"--num-candidates must be < the number of items ({data.num_items})")
-    state = prepare_out(cfg)
+    if state is None:
+        state = prepare_out(cfg)
     dev = pick_device(cfg)
     fewer_page_faults()
     set_seed(cfg.seed)
@@ -857,7 +881,7 @@ def run(cfg, stop_after=None):
         res, done = state["results"], state["done"]
         torch.set_rng_state(state["rng"])
         gen.set_state(state["gen"])
-        print(f"starting from {cfg.baselines or cfg.out} after stage {done} of {len(stages(cfg))}")
+        print(f"starting from {cfg.resume or cfg.baselines} after stage {done} of {len(stages(cfg))}")
     print(f"data {data.name}: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions | "
           f"device {dev} | protocol: {res['protocol']}")
     os.makedirs(cfg.out, exist_ok=True)

@@ -391,8 +391,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     full = L.run(cfg)
     part = dataclasses.replace(cfg, out=str(tmp_path / "part"))
     for stop in (1, 3):  # killed after SASRec, then again after the first LLM stage
-        L.run(dataclasses.replace(part, resume=stop > 1), stop_after=stop)
-    resumed = L.run(dataclasses.replace(part, resume=True))
+        L.run(part if stop == 1 else L.Config(resume=part.out), stop_after=stop)
+    resumed = L.run(L.Config(resume=part.out))  # the flags come from the checkpoint
 
     assert resumed["models"] == full["models"]
     assert [(s["valid"], s["test"]) for s in resumed["rounds"]] == [(s["valid"], s["test"]) for s in full["rounds"]]
@@ -443,7 +443,7 @@ BAD = [  # (extra flags, exact error message); {out} and {tmp} are filled in
     (["--data", "{tmp}/missing.txt"], "{tmp}/missing.txt: file not found (expected a dataset file or 'synthetic')"),
     (["--data", "{tmp}/three.txt"], "three.txt: no user has 4 or more items; nothing to train on"),
     (["--llm", "no-such-org/no-such-model"], None),  # message checked by prefix below
-    (["--resume"], "--resume and --overwrite exclude each other"),
+    (["--resume", "{tmp}/out"], "--resume and --overwrite exclude each other"),
 ]
 
 
@@ -490,8 +490,24 @@ def test_resume_after_a_crash_mid_stage(tmp_path, monkeypatch):
         L.run(part)
     monkeypatch.setattr(L, "evaluate", real)
     assert not os.path.exists(os.path.join(part.out, "results.json"))
-    resumed = L.run(dataclasses.replace(part, resume=True))
+    resumed = L.run(dataclasses.replace(part, resume=part.out))
     assert resumed["models"] == full["models"]
+
+
+def test_resume_from_the_command_line_takes_the_runs_flags(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    flags = ["--d", "16", "--llm-dim", "16", "--llm-layers", "1", "--llm-heads", "2", "--crm-epochs", "2",
+             "--llm-epochs", "1", "--rounds", "1", "--out", out]
+    L.run(L.parse_config(flags), stop_after=2)  # killed after round 0
+    assert L.main(["--resume", out, "--d", "32"]) == 2  # a flag that contradicts the run: refused, nothing changes
+    assert capsys.readouterr().err == (f"error: --resume {out} continues with the flags the run was started with; "
+                                       "given otherwise: --d 32 (the run: 16)\n")
+    assert not os.path.exists(os.path.join(out, "results.json"))
+    assert L.main(["--resume", out, "--d", "16"]) == 0
+    assert "starting from " + out + " after stage 2 of 4" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "config.json")))["d"] == 16
+    assert [s["stage"] for s in json.load(open(os.path.join(out, "results.json")))["rounds"]] == ["SASRec", "E4SRec",
+                                                                                                  "LLM", "CRM"]
 
 
 def test_unreadable_checkpoint_is_refused(tmp_path):
@@ -500,7 +516,7 @@ def test_unreadable_checkpoint_is_refused(tmp_path):
     with open(os.path.join(cfg.out, "checkpoint.pt"), "wb") as fh:
         fh.write(b"PK\x03\x04 half a file")
     with pytest.raises(L.UserError, match="cannot be read"):
-        L.run(dataclasses.replace(cfg, resume=True))
+        L.run(L.Config(resume=cfg.out))
 
 
 def test_named_dataset_download_verify_and_cache(tmp_path, monkeypatch):
