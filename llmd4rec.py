@@ -18,6 +18,7 @@ Notation (paper -> code):
     r_c, r_l             rank of the true item (0 = top)   ranks()
     w1, w2               sample-wise adaptive weights      adaptive_weights()
     L_down, L_up         KL(p_c || p_l), KL(p_l || p_c)    kd_loss(student, teacher, T)
+    L_LLM, L_CRM         CE + lambda * w * T^2 * KL        distill_ce(student, teacher, target, lambda * w, T)
 
 Run:
     python llmd4rec.py                                    # synthetic data, seconds on a laptop CPU
