@@ -517,6 +517,9 @@ def test_unreadable_checkpoint_is_refused(tmp_path):
         fh.write(b"PK\x03\x04 half a file")
     with pytest.raises(L.UserError, match="cannot be read"):
         L.run(L.Config(resume=cfg.out))
+    torch.save({"config": {"d": 64, "no_such_flag": 1}}, os.path.join(cfg.out, "checkpoint.pt"))
+    with pytest.raises(L.UserError, match="written by another version"):
+        L.run(L.Config(resume=cfg.out))
 
 
 def test_named_dataset_download_verify_and_cache(tmp_path, monkeypatch):
