@@ -833,10 +833,10 @@ def resume(cfg):
     """--resume OUT: the interrupted run's own flags (writing to OUT) and its last checkpoint. Flags given along
     with --resume must agree with them."""
     state = read_state(os.path.join(cfg.resume, "checkpoint.pt"), "--resume " + cfg.resume)
-    if set(state["config"]) != set(f.name for f in dataclasses.fields(Config)) - {"resume", "overwrite"}:
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    if set(state["config"]) != set(defaults) - {"resume", "overwrite"}:
         raise UserError(f"--resume {cfg.resume}: checkpoint.pt was written by another version of llmd4rec.py")
     saved = Config(**{**state["config"], "out": cfg.resume, "resume": cfg.resume})
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     clash = [f"--{k.replace('_', '-')} {v} (the run: {getattr(saved, k)})" for k, v in dataclasses.asdict(cfg).items()
              if k not in ("resume", "overwrite") and v != defaults[k] and v != getattr(saved, k)]
     if clash:
