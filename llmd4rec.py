@@ -550,49 +550,57 @@ class _DistillCE(torch.autograd.Function):
 
     Written out so that each softmax is computed once and shared by the loss and its gradient with respect to s,
     (p_s - onehot(target)) + c * T * (p_s^T - p_t^T); two (rows x items) tensors are kept for the backward pass.
+    Also returns the teacher's sum_j p_t,j log p_t,j per row, which is fixed while the teacher is: given back as
+    t_negent, it spares the pass over the teacher's logits that computes it.
     """
 
     @staticmethod
-    def forward(ctx, s, t, target, c, T):
+    def forward(ctx, s, t, target, c, T, t_negent):
         ctx.T, ctx.dtype = T, s.dtype
         s, t = s.float(), t.float()
         p_s, lse_s = softmax_lse(s)
         s_T, t_T = (s, t) if T == 1 else (s / T, t / T)
         p_sT, lse_sT = (p_s, lse_s) if T == 1 else softmax_lse(s_T)
-        p_tT, lse_tT = softmax_lse(t_T)
-        # KL = sum_j p_t,j (log p_t,j - log p_s,j) with log p_j = x_j / T - lse(x / T)
-        kl = (torch.linalg.vecdot(p_tT, t_T - s_T) + lse_sT - lse_tT).clamp_(min=0)
+        if t_negent is None:  # sum_j p_t,j log p_t,j with log p_t,j = t_j / T - lse(t / T)
+            p_tT, lse_tT = softmax_lse(t_T)
+            t_negent = torch.linalg.vecdot(p_tT, t_T) - lse_tT
+        else:
+            p_tT = torch.softmax(t_T, -1)
+        # KL = sum_j p_t,j log p_t,j - sum_j p_t,j log p_s,j with log p_s,j = s_j / T - lse(s / T)
+        kl = (t_negent - torch.linalg.vecdot(p_tT, s_T) + lse_sT).clamp_(min=0)
         loss = c * (T * T) * kl
         if target is not None:
             loss = loss + lse_s - s.gather(1, target[:, None]).squeeze(1)
         ctx.save_for_backward(p_s if target is not None else None, p_sT, p_tT, target, c)
-        return loss
+        ctx.mark_non_differentiable(t_negent)
+        return loss, t_negent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         p_s, p_sT, p_tT, target, c = ctx.saved_tensors
         k = (grad * c * ctx.T)[:, None]  # (M, 1) weight of the KD gradient per row
         if target is None:
             g = p_sT.sub_(p_tT).mul_(k)
-        elif ctx.T == 1:  # p_s^T is p_s: one pass, (grad + k) p_s - k p_t
-            g = p_s.mul_(grad[:, None] + k).sub_(p_tT.mul_(k))
+        elif ctx.T == 1:  # p_s^T is p_s: two passes, (grad + k) p_s - k p_t
+            g = p_s.mul_(grad[:, None] + k).addcmul_(p_tT, k, value=-1)
         else:
             g = p_sT.sub_(p_tT).mul_(k).add_(p_s.mul_(grad[:, None]))
         if target is not None:
             g.scatter_add_(1, target[:, None], -grad[:, None])
-        return g.to(ctx.dtype), None, None, None, None
+        return g.to(ctx.dtype), None, None, None, None, None
 
 
-def distill_ce(student_logits, teacher_logits, target, c, T):
-    """Per-sample CE(student, target) + c * T^2 * KL(p_teacher^T || p_student^T); the teacher is detached. (M,)"""
-    return _DistillCE.apply(student_logits, teacher_logits.detach(), target, c, T)
+def distill_ce(student_logits, teacher_logits, target, c, T, t_negent=None):
+    """Per-sample CE(student, target) + c * T^2 * KL(p_teacher^T || p_student^T), the teacher detached (M,); and
+    the teacher's sum_j p_j log p_j at temperature T (M,), computed unless given as t_negent."""
+    return _DistillCE.apply(student_logits, teacher_logits.detach(), target, c, T, t_negent)
 
 
 def kd_loss(student_logits, teacher_logits, T):
     """Per-sample T^2 * KL(p_teacher^T || p_student^T), summed over items; the teacher is detached. (M,)"""
     c = torch.ones(len(student_logits), device=student_logits.device)
-    return _DistillCE.apply(student_logits, teacher_logits.detach(), None, c, T)
+    return _DistillCE.apply(student_logits, teacher_logits.detach(), None, c, T, None)[0]
 
 
 def ranks(logits, target_idx):
@@ -684,48 +692,63 @@ def batches(data, size, gen):
 CHUNK = 2048  # training targets whose (targets x items) logits are held at once
 
 
-def objective(student, teacher, h, t_h, tidx, cand, T, lam, no_weight):
-    """Summed CE (+ lam * w * T^2 * KL from the teacher, when t_h is given) over the rows of h; and how many rows
-    the teacher ranks the true item better than the student."""
+def objective(student, teacher, h, t_rows, tidx, cand, T, lam, no_weight):
+    """Summed CE (+ lam * w * T^2 * KL from the teacher) over the rows of h; how many rows the teacher ranks the true
+    item better than the student; and the teacher's (rank, sum p log p) per row.
+
+    t_rows: None (CE only) or the teacher's (hidden states, ranks, sum p log p) at these rows, the last two None when
+    not known yet.
+    """
     logits = student.score(h, cand)  # (M, N) or (M, 1+K)
-    if t_h is None:
-        return F.cross_entropy(logits.float(), tidx, reduction="sum"), 0
+    if t_rows is None:
+        return F.cross_entropy(logits.float(), tidx, reduction="sum"), 0, None
+    t_h, r_t, t_negent = t_rows
     t_logits = teacher.score(t_h, cand).detach()
-    r_s, r_t = ranks(logits.detach(), tidx), ranks(t_logits, tidx)
+    r_s = ranks(logits.detach(), tidx)
+    r_t = ranks(t_logits, tidx) if r_t is None else r_t
     w = torch.ones_like(r_s, dtype=torch.float) if no_weight else adaptive_weight(r_s, r_t)
-    return distill_ce(logits, t_logits, tidx, lam * w, T).sum(), (r_t < r_s).sum()
+    loss, t_negent = distill_ce(logits, t_logits, tidx, lam * w, T, t_negent)
+    return loss.sum(), (r_t < r_s).sum(), (r_t, t_negent)
 
 
-def backward(student, teacher, h, t_h, tidx, cand, T, lam, no_weight):
-    """Back-propagate the objective averaged over the rows of h (M, D); return its sum and the teacher-better count.
+def backward(student, teacher, h, t_rows, tidx, cand, T, lam, no_weight):
+    """Back-propagate the objective averaged over the rows of h (M, D); return its sum, the teacher-better count and
+    the teacher's (ranks, sum p log p) at the rows.
 
     The (M x items) logits are built and back-propagated CHUNK rows at a time: the same gradient, with memory
     bounded by the chunk instead of by the longest batch.
     """
     h_chunks = h.detach().requires_grad_()
-    total, better = 0.0, 0
+    total, better, t_consts = 0.0, 0, []
     for i in range(0, len(h), CHUNK):
         r = slice(i, i + CHUNK)
-        loss, n_better = objective(student, teacher, h_chunks[r], None if t_h is None else t_h[r], tidx[r],
-                                   None if cand is None else cand[r], T, lam, no_weight)
+        loss, n_better, t_known = objective(student, teacher, h_chunks[r],
+                                            None if t_rows is None else [x if x is None else x[r] for x in t_rows],
+                                            tidx[r], None if cand is None else cand[r], T, lam, no_weight)
         (loss / len(h)).backward()
         total, better = total + loss.detach(), better + n_better
+        t_consts.append(t_known)
     h.backward(h_chunks.grad)
-    return total, better
+    return total, better, None if t_rows is None else [torch.cat(x) for x in zip(*t_consts)]
 
 
 def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, T, lam, tag, gen):
     """Train `student` for at most `epochs`; keep the weights with the best validation NDCG@10.
 
-    With a teacher (frozen), the loss is CE + lam * mean(w * T^2 * KL(p_teacher || p_student)); the teacher's
-    hidden states are computed once for the whole stage, since it does not change.
+    With a teacher (frozen), the loss is CE + lam * mean(w * T^2 * KL(p_teacher || p_student)); what the teacher
+    gives each target and does not change is computed once for the whole stage.
     """
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     flat = torch.cumsum((data.train_y > 0).flatten(), 0).view_as(data.train_y) - 1  # (W, L) row in the cache
     # the teacher is frozen and in eval mode (no dropout), so its outputs are exact to cache (assumption: the
-    # paper does not say whether the teacher runs with dropout)
+    # paper does not say whether the teacher runs with dropout): its hidden states now; its rank of the true item
+    # and sum_j p_j log p_j in the first epoch, which computes them anyway (not with sampled candidates, which
+    # change every batch). Its logits are recomputed: caching them would take (targets x items) floats.
     t_hidden = cache_hidden(teacher, data).to(dev) if teacher is not None else None
+    t_rank, t_negent = (None, None) if teacher is None else (
+        torch.zeros(len(t_hidden), dtype=torch.int32, device=dev), torch.zeros(len(t_hidden), device=dev))
+    known = False
     # NOTE: deviation: the paper gives no schedule; each stage is a fresh Adam with early stopping, and a
     # warm-started stage keeps its starting weights if no epoch beats them on validation.
     best = evaluate(student, data.valid_x, data.valid_y, cfg.exclude_seen)["NDCG@10"] if tag[0] > 0 else -1.0
@@ -746,11 +769,18 @@ def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, T, lam, tag, ge
                 neg = torch.randint(1, data.num_items, (len(target), cfg.num_candidates), generator=gen).to(dev)
                 cand = torch.cat([target[:, None], neg + (neg >= target[:, None]).long()], 1)  # (M, 1+K)
             tidx = torch.zeros_like(target) if cand is not None else target - 1
-            t_rows = t_hidden[flat[idx][:, first:].to(dev)[m]] if t_hidden is not None else None
+            t_rows = None
+            if t_hidden is not None:
+                rows = flat[idx][:, first:].to(dev)[m]
+                t_rows = (t_hidden[rows], t_rank[rows], t_negent[rows]) if known else (t_hidden[rows], None, None)
             opt.zero_grad(set_to_none=True)
-            loss, n_better = backward(student, teacher, student.hidden(x)[m], t_rows, tidx, cand, T, lam, cfg.no_weight)
+            loss, n_better, t_known = backward(student, teacher, student.hidden(x)[m], t_rows, tidx, cand, T, lam,
+                                               cfg.no_weight)
             opt.step()
+            if t_rows is not None and not known:
+                t_rank[rows], t_negent[rows] = t_known
             tot, n, better = tot + loss, n + len(target), better + n_better
+        known = t_hidden is not None and cfg.num_candidates == 0  # every target was visited once
         metrics = evaluate(student, data.valid_x, data.valid_y, cfg.exclude_seen)
         line = {"epoch": epoch, "loss": tot.item() / n, "valid": metrics, "seconds": time.time() - t0}
         if t_hidden is not None:

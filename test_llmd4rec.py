@@ -206,15 +206,21 @@ def test_distill_ce_matches_float64_formula_value_and_gradient(T):
     s = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
     t = 3 * torch.randn(5, 11, dtype=torch.float64)
     target, c = torch.tensor([0, 3, 10, 3, 7]), torch.tensor([0.0, 0.5, 1.0, 2.0, 1.5])
-    got = L.distill_ce(s, t, target, c, T)
+    got, negent = L.distill_ce(s, t, target, c, T)
     p_t = torch.softmax(t / T, -1)
     kl = (p_t * (torch.log(p_t) - torch.log_softmax(s / T, -1))).sum(-1)
     ref = F.cross_entropy(s, target, reduction="none") + c.double() * T ** 2 * kl
     assert torch.allclose(got.double(), ref, atol=1e-5)
+    assert torch.allclose(negent.double(), (p_t * torch.log(p_t)).sum(-1), atol=1e-6)
     weights = torch.rand(5, dtype=torch.float64)  # a non-uniform upstream gradient
-    g_got, = torch.autograd.grad((L.distill_ce(s, t, target, c, T) * weights).sum(), s)
     g_ref, = torch.autograd.grad((ref * weights).sum(), s)
-    assert torch.allclose(g_got, g_ref, atol=1e-6)
+    for given in (None, negent):  # the teacher's sum p log p computed, or given back
+        loss, back = L.distill_ce(s, t, target, c, T, given)
+        assert torch.allclose(loss.double(), ref, atol=1e-5) and torch.equal(back, negent)
+        g_got, = torch.autograd.grad((loss * weights).sum(), s)
+        assert torch.allclose(g_got, g_ref, atol=1e-6)
+    # a wrong value given back shows in the loss: it is used, not recomputed
+    assert not torch.allclose(L.distill_ce(s, t, target, c, T, negent - 1)[0], got)
 
 
 def test_kd_loss_nonnegative_zero_on_equal_and_stable():
@@ -347,13 +353,42 @@ def test_chunked_logits_give_the_same_gradient(monkeypatch):
     for chunk in (10 ** 6, 7):  # one chunk per batch, or many
         monkeypatch.setattr(L, "CHUNK", chunk)
         crm.zero_grad()
-        loss, better = L.backward(crm, llm, crm.hidden(x)[m], t_h, y[m] - 1, None, 2.0, 0.5, False)
+        loss, better, _ = L.backward(crm, llm, crm.hidden(x)[m], (t_h, None, None), y[m] - 1, None, 2.0, 0.5, False)
         grads.append([p.grad.clone() for p in crm.parameters()])
         sums.append((loss.item(), int(better)))
     assert m.sum() > 7 * 10 and grads[0][0].abs().sum() > 0
     assert sums[0][1] == sums[1][1] and math.isclose(sums[0][0], sums[1][0], rel_tol=1e-5)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_teacher_ranks_and_entropy_kept_from_the_first_epoch_train_the_same(monkeypatch):
+    """From the second epoch on the teacher's rank and sum p log p per target are read, not recomputed: the same
+    training as recomputing them in every epoch."""
+    cfg = L.Config(d=32, llm_dim=32, llm_layers=1, llm_heads=2, T2=2.0, patience=10)
+    data = L.load_data(cfg)
+    real, given = L.objective, []
+
+    def recompute(student, teacher, h, t_rows, *rest):
+        given.append(t_rows[1] is not None)
+        return real(student, teacher, h, (t_rows[0], None, None), *rest)
+
+    logs, states = [], []
+    for patch in (False, True):
+        L.set_seed(0)
+        crm = L.SASRec(data.num_items, cfg)
+        llm = L.build_llm(cfg, crm, data.num_items)
+        if patch:
+            monkeypatch.setattr(L, "objective", recompute)
+        logs.append(L.train_stage(crm, llm, data, cfg, torch.device("cpu"), lr=cfg.crm_lr, epochs=3, T=cfg.T2,
+                                  lam=1.0, tag=(1, "CRM"), gen=torch.Generator().manual_seed(0)))
+        states.append(crm.state_dict())
+    n = len(given) // 3  # objective calls per epoch
+    assert not any(given[:n]) and all(given[n:])  # known from the second epoch on
+    assert [e["loss"] for e in logs[0]] == pytest.approx([e["loss"] for e in logs[1]], rel=1e-6)
+    assert [e["teacher_better"] for e in logs[0]] == [e["teacher_better"] for e in logs[1]]
+    for k in states[0]:
+        assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k
 
 
 def test_no_weight_means_w_equals_one(tmp_path, monkeypatch):
