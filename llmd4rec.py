@@ -29,6 +29,7 @@ import argparse
 import ctypes
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -448,7 +449,7 @@ def load_backbone(cfg):
                            num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads,
                            num_key_value_heads=cfg.llm_heads, max_position_embeddings=cfg.max_len + len(ids),
                            attention_dropout=cfg.llm_dropout, initializer_range=0.02)
-        return AutoModel.from_config(conf, attn_implementation="sdpa"), ids
+        return check_cache_argument(AutoModel.from_config(conf, attn_implementation="sdpa"), cfg), ids
     def load(local_files_only):
         return (AutoTokenizer.from_pretrained(cfg.llm, local_files_only=local_files_only),
                 AutoModel.from_pretrained(cfg.llm, local_files_only=local_files_only, attn_implementation="sdpa",
@@ -465,10 +466,22 @@ def load_backbone(cfg):
             tok, model = load(local_files_only=False)
         except Exception as e:
             raise UserError(f"--llm {cfg.llm}: cannot load from the hub: {str(e).splitlines()[0][:200]}") from None
+    check_cache_argument(model, cfg)
     n = add_lora(model, set(cfg.lora_targets.split(",")), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     if n == 0:
         raise UserError(f"--lora-targets {cfg.lora_targets}: no such nn.Linear modules in {cfg.llm}")
     return model, tok(INSTRUCTION).input_ids
+
+
+def check_cache_argument(model, cfg):
+    """LLMScorer.hidden passes the instruction's keys and values as `cache`. Older transformers (5.17, for one) call
+    it past_key_values and ignore `cache` without a word, which would silently drop the instruction."""
+    import transformers
+
+    if "cache" not in inspect.signature(model.forward).parameters:
+        raise UserError(f"--llm {cfg.llm}: {type(model).__name__}.forward takes no 'cache' argument under transformers "
+                        f"{transformers.__version__}; install the version in requirements.txt")
+    return model
 
 
 def hub_reachable(timeout=3.0):
@@ -913,6 +926,8 @@ def run(cfg, stop_after=None):
             llm.load_state_dict(state["llm"])
         res, done = state["results"], state["done"]
         torch.set_rng_state(state["rng"])
+        if dev.type == "cuda" and state.get("cuda_rng") is not None:  # dropout on the GPU draws from its own stream
+            torch.cuda.set_rng_state(state["cuda_rng"], dev)
         gen.set_state(state["gen"])
         print(f"starting from {cfg.resume or cfg.baselines} after stage {done} of {len(stages(cfg))}")
     print(f"data {data.name}: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions | "
@@ -945,7 +960,8 @@ def run(cfg, stop_after=None):
             res["models"][name] = metrics
         select_best(res)
         state = {"config": cfg_dict, "crm": crm.state_dict(), "llm": llm.state_dict() if llm else None,
-                 "results": res, "done": i + 1, "rng": torch.get_rng_state(), "gen": gen.get_state()}
+                 "results": res, "done": i + 1, "rng": torch.get_rng_state(), "gen": gen.get_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
         save_atomic(state, os.path.join(cfg.out, "checkpoint.pt"))
         if rnd == 0 and i + 1 == sum(r == 0 for r, _ in stages(cfg)):  # the baselines, for --baselines
             save_atomic(state, os.path.join(cfg.out, "baselines.pt"))

@@ -171,6 +171,16 @@ def test_from_pretrained_with_lora(tmp_path):
     assert llm.hidden(torch.tensor([[0, 1, 2]])).shape == (1, 3, 32)
 
 
+def test_a_backbone_without_the_cache_argument_is_refused(tmp_path, monkeypatch):
+    import transformers
+
+    # what Qwen2Model.forward looks like under transformers 5.17, which ignores cache= and drops the instruction
+    monkeypatch.setattr(transformers.Qwen2Model, "forward", lambda self, inputs_embeds=None, past_key_values=None: None)
+    with pytest.raises(L.UserError, match=r"--llm tiny: Qwen2Model.forward takes no 'cache' argument under "
+                                          r"transformers .*; install the version in requirements.txt"):
+        L.load_backbone(cfg_for(tmp_path))
+
+
 def test_unloadable_llm_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as c
