@@ -449,7 +449,7 @@ def load_backbone(cfg):
                            num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads,
                            num_key_value_heads=cfg.llm_heads, max_position_embeddings=cfg.max_len + len(ids),
                            attention_dropout=cfg.llm_dropout, initializer_range=0.02)
-        return check_cache_argument(AutoModel.from_config(conf, attn_implementation="sdpa"), cfg), ids
+        return AutoModel.from_config(conf, attn_implementation="sdpa"), ids
     def load(local_files_only):
         return (AutoTokenizer.from_pretrained(cfg.llm, local_files_only=local_files_only),
                 AutoModel.from_pretrained(cfg.llm, local_files_only=local_files_only, attn_implementation="sdpa",
@@ -466,7 +466,6 @@ def load_backbone(cfg):
             tok, model = load(local_files_only=False)
         except Exception as e:
             raise UserError(f"--llm {cfg.llm}: cannot load from the hub: {str(e).splitlines()[0][:200]}") from None
-    check_cache_argument(model, cfg)
     n = add_lora(model, set(cfg.lora_targets.split(",")), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     if n == 0:
         raise UserError(f"--lora-targets {cfg.lora_targets}: no such nn.Linear modules in {cfg.llm}")
@@ -481,7 +480,6 @@ def check_cache_argument(model, cfg):
     if "cache" not in inspect.signature(model.forward).parameters:
         raise UserError(f"--llm {cfg.llm}: {type(model).__name__}.forward takes no 'cache' argument under transformers "
                         f"{transformers.__version__}; install the version in requirements.txt")
-    return model
 
 
 def hub_reachable(timeout=3.0):
@@ -545,6 +543,7 @@ class LLMScorer(nn.Module):
 
 def build_llm(cfg, crm, num_items):
     backbone, prompt_ids = load_backbone(cfg)
+    check_cache_argument(backbone, cfg)
     return LLMScorer(backbone, prompt_ids, crm.item_emb.weight, num_items, cfg.llm_dropout)
 
 

@@ -178,7 +178,8 @@ def test_a_backbone_without_the_cache_argument_is_refused(tmp_path, monkeypatch)
     monkeypatch.setattr(transformers.Qwen2Model, "forward", lambda self, inputs_embeds=None, past_key_values=None: None)
     with pytest.raises(L.UserError, match=r"--llm tiny: Qwen2Model.forward takes no 'cache' argument under "
                                           r"transformers .*; install the version in requirements.txt"):
-        L.load_backbone(cfg_for(tmp_path))
+        cfg = cfg_for(tmp_path)
+        L.build_llm(cfg, L.SASRec(20, cfg), 20)
 
 
 def test_unloadable_llm_is_a_clear_error(tmp_path, monkeypatch):
