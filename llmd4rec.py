@@ -60,7 +60,7 @@ class Config:
     # data and run
     data: str = arg("synthetic", "dataset file ('user item item ...' a line, or 'user item' pairs), "
                     "'synthetic', or beauty | sports | toys | yelp (downloaded once, sha256-checked)")
-    out: str = arg("runs/default", "folder for results.json, config.json and checkpoint.pt")
+    out: str = arg("runs/default", "folder for results.json, ranks.npz, models.pt, config.json and checkpoint.pt")
     overwrite: bool = arg(False, "allow replacing the results of an earlier run in --out")
     resume: str = arg("", "folder of an interrupted run: continue it from its last finished stage, with the flags "
                           "it was started with")
@@ -69,7 +69,8 @@ class Config:
     seed: int = arg(0, "seed for data generation, initialisation, shuffling and dropout")
     device: str = arg("auto", "auto | cpu | cuda (auto picks CUDA when present)")
     max_len: int = arg(50, "history length: only the last max_len items of a history are used")
-    exclude_seen: bool = arg(False, "evaluation: do not rank items already in the user's history")
+    exclude_seen: bool = arg(False, "select (early stopping, best round) with the user's history excluded from the "
+                                    "ranking instead of kept; both protocols are always reported")
     batch_size: int = arg(128, "training sequences per batch")
     patience: int = arg(3, "early stopping: epochs without a better validation NDCG@10")
     # CRM: SASRec
@@ -85,7 +86,7 @@ class Config:
     llm_layers: int = arg(2, "tiny backbone: decoder layers")
     llm_heads: int = arg(4, "tiny backbone: attention heads")
     llm_dropout: float = arg(0.1, "dropout on the soft tokens (and attention, for tiny)")
-    llm_lr: float = arg(1e-3, "LLM-side learning rate (E4SRec used 3e-4 with LoRA on a pretrained LLM)")
+    llm_lr: float = arg(0.0, "LLM-side learning rate; 0: 1e-3 for tiny, E4SRec's 3e-4 for LoRA on a pretrained --llm")
     llm_epochs: int = arg(10, "LLM epochs per stage, at most (early stopping); 0 = no LLM stage")
     lora_r: int = arg(16, "LoRA rank (pretrained --llm only)")
     lora_alpha: float = arg(16.0, "LoRA alpha (pretrained --llm only)")
@@ -103,15 +104,23 @@ class Config:
     no_id_update: bool = arg(False, "ablation: keep the LLM's soft-token embeddings from the first SASRec")
 
 
-def parse_config(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    """(Config, commands): every Config field is a flag; --evaluate and --report are commands on finished runs."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-    return Config(**vars(p.parse_args(argv)))
+    p.add_argument("--evaluate", metavar="OUT", default="",
+                   help="reload the four models a finished run in OUT reports and print their test table")
+    p.add_argument("--report", metavar="RUN", nargs="+", default=[],
+                   help="runs' folders (seeds): mean +- sd of the four models, each run's gains with 95%% intervals")
+    args = vars(p.parse_args(argv))
+    commands = {k: args.pop(k) for k in ("evaluate", "report")}
+    return Config(**args), commands
 
 
 class UserError(Exception):
@@ -125,11 +134,11 @@ def check_config(cfg):
         (cfg.patience < 1, "--patience must be >= 1"),
         (cfg.d < 1 or cfg.crm_blocks < 1 or cfg.crm_heads < 1, "--d, --crm-blocks and --crm-heads must be >= 1"),
         (cfg.d % max(cfg.crm_heads, 1) != 0, "--d must be divisible by --crm-heads"),
-        (cfg.llm_dim % max(cfg.llm_heads, 1) != 0 or cfg.llm_heads < 1, "--llm-dim must be divisible by --llm-heads"),
-        (cfg.llm_layers < 1 or cfg.lora_r < 1, "--llm-layers and --lora-r must be >= 1"),
+        (cfg.llm_layers < 1 or cfg.llm_heads < 1 or cfg.lora_r < 1, "--llm-layers, --llm-heads and --lora-r must be >= 1"),
+        (cfg.llm_heads > 0 and cfg.llm_dim % cfg.llm_heads != 0, "--llm-dim must be divisible by --llm-heads"),
         (not 0 <= cfg.crm_dropout < 1 or not 0 <= cfg.llm_dropout < 1 or not 0 <= cfg.lora_dropout < 1,
          "dropouts must be in [0, 1)"),
-        (cfg.crm_lr <= 0 or cfg.llm_lr <= 0, "learning rates must be > 0"),
+        (cfg.crm_lr <= 0 or cfg.llm_lr < 0, "--crm-lr must be > 0 and --llm-lr >= 0"),
         (cfg.crm_epochs < 1, "--crm-epochs must be >= 1"),
         (cfg.llm_epochs < 0, "--llm-epochs must be >= 0"),
         (cfg.rounds < 0, "--rounds must be >= 0"),
@@ -235,8 +244,9 @@ def synthetic_sequences(seed, n_users=600, n_items=120, n_clusters=6):
     return seqs
 
 
-def left_pad(rows, L):
-    """(len(rows), L) int64 tensor, each row right-aligned, 0 = padding."""
+def left_pad(rows, L=None):
+    """(len(rows), L) int64 tensor (L: the longest row by default), each row right-aligned, 0 = padding."""
+    L = L or max(map(len, rows))
     out = torch.zeros(len(rows), L, dtype=torch.long)
     for i, r in enumerate(rows):
         r = r[-L:]
@@ -248,14 +258,15 @@ def left_pad(rows, L):
 @dataclass
 class Data:
     name: str
+    items: list  # the dataset's item id of model row 1..N: items[row - 1]
     num_users: int
     num_items: int
     num_interactions: int
     train_x: torch.Tensor  # (W, L) input windows, left-padded
     train_y: torch.Tensor  # (W, L) next-item targets, 0 where there is none
-    valid_x: torch.Tensor  # (U, L) histories for the validation targets
+    valid_x: torch.Tensor  # (U, H) whole histories for the validation targets; the models read the last max_len
     valid_y: torch.Tensor  # (U,)
-    test_x: torch.Tensor   # (U, L) histories (including the validation item) for the test targets
+    test_x: torch.Tensor   # (U, H) whole histories (including the validation item) for the test targets
     test_y: torch.Tensor   # (U,)
 
     def summary(self):
@@ -270,7 +281,8 @@ def split(seqs, max_len, name):
     Users with fewer than 3 items only train. Every training position predicts its next item; a training
     sequence longer than max_len is cut into windows of max_len inputs, so each position is used once.
     """
-    item_ids = {it: i + 1 for i, it in enumerate(sorted({it for s in seqs.values() for it in s}))}
+    raw_ids = sorted({it for s in seqs.values() for it in s})
+    item_ids = {it: i + 1 for i, it in enumerate(raw_ids)}
     train_x, train_y, valid_x, valid_y, test_x, test_y = [], [], [], [], [], []
     for items in seqs.values():
         s = [item_ids[it] for it in items]
@@ -287,9 +299,9 @@ def split(seqs, max_len, name):
         raise UserError(f"{name}: no user has 3 or more items; nothing to validate or test on")
     if not any(train_y):
         raise UserError(f"{name}: no user has 4 or more items; nothing to train on")
-    return Data(name, len(seqs), len(item_ids), sum(len(s) for s in seqs.values()),
-                left_pad(train_x, max_len), left_pad(train_y, max_len), left_pad(valid_x, max_len),
-                torch.tensor(valid_y), left_pad(test_x, max_len), torch.tensor(test_y))
+    return Data(name, raw_ids, len(seqs), len(item_ids), sum(len(s) for s in seqs.values()),
+                left_pad(train_x, max_len), left_pad(train_y, max_len), left_pad(valid_x),
+                torch.tensor(valid_y), left_pad(test_x), torch.tensor(test_y))
 
 
 # The paper's preprocessed files, as published in the data/ folder of salesforce/ICLRec (also used by S3Rec
@@ -548,77 +560,23 @@ def build_llm(cfg, crm, num_items):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Losses and sample-wise adaptive weights
-
-
-def softmax_lse(x):
-    """softmax(x) over the last dim and logsumexp(x), from one exp per element."""
-    p = torch.softmax(x, -1)
-    return p, x.amax(-1) - p.amax(-1).log()  # p at the arg-max is exp(max - lse) >= 1/N, so its log is safe
-
-
-class _DistillCE(torch.autograd.Function):
-    """Per row: CE(s, target) + c * T^2 * KL(softmax(t/T) || softmax(s/T)); without a target, the KD term alone.
-
-    Written out so that each softmax is computed once and shared by the loss and its gradient with respect to s,
-    (p_s - onehot(target)) + c * T * (p_s^T - p_t^T); two (rows x items) tensors are kept for the backward pass.
-    Also returns the teacher's sum_j p_t,j log p_t,j per row, which is fixed while the teacher is: given back as
-    t_negent, it spares the pass over the teacher's logits that computes it.
-    """
-
-    @staticmethod
-    def forward(ctx, s, t, target, c, T, t_negent):
-        ctx.T, ctx.dtype = T, s.dtype
-        s, t = s.float(), t.float()
-        p_s, lse_s = softmax_lse(s)
-        s_T, t_T = (s, t) if T == 1 else (s / T, t / T)
-        p_sT, lse_sT = (p_s, lse_s) if T == 1 else softmax_lse(s_T)
-        if t_negent is None:  # sum_j p_t,j log p_t,j with log p_t,j = t_j / T - lse(t / T)
-            p_tT, lse_tT = softmax_lse(t_T)
-            t_negent = torch.linalg.vecdot(p_tT, t_T) - lse_tT
-        else:
-            p_tT = torch.softmax(t_T, -1)
-        # KL = sum_j p_t,j log p_t,j - sum_j p_t,j log p_s,j with log p_s,j = s_j / T - lse(s / T)
-        kl = (t_negent - torch.linalg.vecdot(p_tT, s_T) + lse_sT).clamp_(min=0)
-        loss = c * (T * T) * kl
-        if target is not None:
-            loss = loss + lse_s - s.gather(1, target[:, None]).squeeze(1)
-        ctx.save_for_backward(p_s if target is not None else None, p_sT, p_tT, target, c)
-        ctx.mark_non_differentiable(t_negent)
-        return loss, t_negent
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad, _):
-        p_s, p_sT, p_tT, target, c = ctx.saved_tensors
-        k = (grad * c * ctx.T)[:, None]  # (M, 1) weight of the KD gradient per row
-        if target is None:
-            g = p_sT.sub_(p_tT).mul_(k)
-        elif ctx.T == 1:  # p_s^T is p_s: two passes, (grad + k) p_s - k p_t
-            g = p_s.mul_(grad[:, None] + k).addcmul_(p_tT, k, value=-1)
-        else:
-            g = p_sT.sub_(p_tT).mul_(k).add_(p_s.mul_(grad[:, None]))
-        if target is not None:
-            g.scatter_add_(1, target[:, None], -grad[:, None])
-        return g.to(ctx.dtype), None, None, None, None, None
-
-
-def distill_ce(student_logits, teacher_logits, target, c, T, t_negent=None):
-    """Per-sample CE(student, target) + c * T^2 * KL(p_teacher^T || p_student^T), the teacher detached (M,); and
-    the teacher's sum_j p_j log p_j at temperature T (M,), computed unless given as t_negent."""
-    return _DistillCE.apply(student_logits, teacher_logits.detach(), target, c, T, t_negent)
+# Losses and sample-wise adaptive weights: the paper's definitions, then the fused form that training runs
 
 
 def kd_loss(student_logits, teacher_logits, T):
-    """Per-sample T^2 * KL(p_teacher^T || p_student^T), summed over items; the teacher is detached. (M,)"""
-    c = torch.ones(len(student_logits), device=student_logits.device)
-    return _DistillCE.apply(student_logits, teacher_logits.detach(), None, c, T, None)[0]
+    """L_down (student LLM, teacher CRM, T = T1) or L_up (student CRM, teacher LLM, T = T2), per sample:
+    T^2 * KL(softmax(teacher / T) || softmax(student / T)), summed over items; the teacher is detached. (M,)"""
+    log_p_t = F.log_softmax(teacher_logits.detach() / T, -1)
+    log_p_s = F.log_softmax(student_logits / T, -1)
+    return T * T * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
 
 
 def ranks(logits, target_idx):
-    """Rank of the target (0 = top): how many other items score >= it, so ties never favour it. (M,)"""
+    """r_c or r_l: rank of the target (0 = top), the number of other items not scoring below it, so ties never
+    favour it; a NaN or infinite target score (a diverged model) gets the worst rank, N - 1. (M,)"""
     t = logits.gather(1, target_idx[:, None])
-    return (logits >= t).sum(1, dtype=torch.int32) - 1
+    r = logits.shape[1] - 1 - (logits < t).sum(1, dtype=torch.int32)
+    return torch.where(torch.isfinite(t[:, 0]), r, logits.shape[1] - 1)
 
 
 def adaptive_weight(r_student, r_teacher):
@@ -630,8 +588,58 @@ def adaptive_weight(r_student, r_teacher):
 
 
 def adaptive_weights(r_c, r_l):
-    """(w1, w2): w1 weights the LLM learning from the CRM, w2 the CRM learning from the LLM."""
+    """(w1, w2): w1 weights L_down (the LLM learning from the CRM), w2 weights L_up (the CRM learning from the LLM)."""
     return adaptive_weight(r_l, r_c), adaptive_weight(r_c, r_l)
+
+
+def softmax_lse(x):
+    """softmax(x) over the last dim and logsumexp(x), from one exp per element."""
+    p = torch.softmax(x, -1)
+    return p, x.amax(-1) - p.amax(-1).log()  # p at the arg-max is exp(max - lse) >= 1/N, so its log is safe
+
+
+class _DistillCE(torch.autograd.Function):
+    """CE(s, target) + c * kd_loss(s, t, T) per row, with each softmax computed once and the gradient written out:
+    (p_s - onehot(target)) + c * T * (p_s^T - p_t^T). Speed only: a batch's loss and gradient at Beauty's size take
+    1.09-1.24x as long with autograd (README, Speed). Also returns the teacher's sum_j p_t,j log p_t,j per row,
+    which is fixed while the teacher is: given back as t_negent, it spares a pass over the teacher's logits."""
+
+    @staticmethod
+    def forward(ctx, s, t, target, c, T, t_negent):
+        ctx.T, ctx.dtype = T, s.dtype
+        s, t, c = s.float(), t.float(), c.float()
+        p_s, lse_s = softmax_lse(s)
+        s_T, t_T = (s, t) if T == 1 else (s / T, t / T)
+        p_sT, lse_sT = (p_s, lse_s) if T == 1 else softmax_lse(s_T)
+        if t_negent is None:  # sum_j p_t,j log p_t,j with log p_t,j = t_j / T - lse(t / T)
+            p_tT, lse_tT = softmax_lse(t_T)
+            t_negent = torch.linalg.vecdot(p_tT, t_T) - lse_tT
+        else:
+            p_tT = torch.softmax(t_T, -1)
+        # KL = sum_j p_t,j log p_t,j - sum_j p_t,j log p_s,j with log p_s,j = s_j / T - lse(s / T)
+        kl = (t_negent - torch.linalg.vecdot(p_tT, s_T) + lse_sT).clamp_(min=0)
+        loss = c * (T * T) * kl + lse_s - s.gather(1, target[:, None]).squeeze(1)
+        ctx.save_for_backward(p_s, p_sT, p_tT, target, c)
+        ctx.mark_non_differentiable(t_negent)
+        return loss, t_negent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _):
+        p_s, p_sT, p_tT, target, c = ctx.saved_tensors
+        k = (grad * c * ctx.T)[:, None]  # (M, 1) weight of the KD gradient per row
+        if ctx.T == 1:  # p_s^T is p_s: two passes, (grad + k) p_s - k p_t
+            g = p_s.mul_(grad[:, None] + k).addcmul_(p_tT, k, value=-1)
+        else:
+            g = p_sT.sub_(p_tT).mul_(k).add_(p_s.mul_(grad[:, None]))
+        g.scatter_add_(1, target[:, None], -grad[:, None])
+        return g.to(ctx.dtype), None, None, None, None, None
+
+
+def distill_ce(student_logits, teacher_logits, target, c, T, t_negent=None):
+    """CE(student, target) + c * kd_loss(student, teacher, T) per sample (M,), fused; and the teacher's
+    sum_j p_j log p_j at temperature T (M,), computed unless given as t_negent."""
+    return _DistillCE.apply(student_logits, teacher_logits.detach(), target, c, T, t_negent)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -646,124 +654,139 @@ def first_item_column(x):
     return int((x > 0).any(0).long().argmax())
 
 
+PROTOCOLS = ("kept", "excluded")  # the user's history kept in the ranking, or excluded from it
+
+
 @torch.no_grad()
-def evaluate(model, x, y, exclude_seen=False, batch=1024):
-    """HR@k and NDCG@k of the target among all N items; rank = other items scoring >= the target."""
+def evaluate(model, x, y, max_len, batch=1024):
+    """Rank of each target among all N items (0 = top), the history kept and excluded: {protocol: (U,) int32}.
+
+    Excluded: every item of the user's whole history x is removed from the ranking, except the target itself.
+    """
     model.eval()
     dev = next(model.parameters()).device
-    order = (x > 0).sum(1).argsort(stable=True)  # short histories together: batches carry little padding
-    x, y = x[order], y[order]
-    rank_all = []
+    order = (x[:, -max_len:] > 0).sum(1).argsort(stable=True)  # short histories together: little padding
+    out = {p: torch.empty(len(y), dtype=torch.int32) for p in PROTOCOLS}
     for i in range(0, len(y), batch):
-        seq, tgt = x[i:i + batch], y[i:i + batch].to(dev)
-        seq = seq[:, first_item_column(seq):].to(dev)
+        idx = order[i:i + batch]
+        hist, tgt = x[idx], y[idx].to(dev)
+        hist = hist[:, first_item_column(hist):].to(dev)  # (B, H)
+        seq = hist[:, -max_len:]
+        seq = seq[:, first_item_column(seq):]
         scores = model.score(model.hidden(seq)[:, -1])  # (B, N)
-        if exclude_seen:
-            t = scores.gather(1, (tgt - 1)[:, None])
-            seen = torch.zeros(len(tgt), scores.shape[1] + 1, dtype=torch.bool, device=dev).scatter_(1, seq, True)
-            scores = scores.masked_fill(seen[:, 1:], float("-inf")).scatter(1, (tgt - 1)[:, None], t)
-        rank_all.append(ranks(scores, tgt - 1))
-    r = torch.cat(rank_all).float()
-    out = {}
-    for k in KS:
-        out[f"HR@{k}"] = (r < k).float().mean().item()
-    for k in KS:
-        out[f"NDCG@{k}"] = torch.where(r < k, 1 / torch.log2(r + 2), torch.zeros_like(r)).mean().item()
+        out["kept"][idx] = ranks(scores, tgt - 1).cpu()
+        seen = torch.zeros(len(tgt), scores.shape[1] + 1, dtype=torch.bool, device=dev).scatter_(1, hist, True)
+        seen[:, 1:].scatter_(1, (tgt - 1)[:, None], False)
+        out["excluded"][idx] = ranks(scores.masked_fill(seen[:, 1:], float("-inf")), tgt - 1).cpu()
     return out
 
 
-def evaluate_both(model, data, cfg):
-    return {"valid": evaluate(model, data.valid_x, data.valid_y, cfg.exclude_seen),
-            "test": evaluate(model, data.test_x, data.test_y, cfg.exclude_seen)}
+def metrics(r):
+    """HR@k and NDCG@k from the targets' ranks (0 = top)."""
+    r = torch.as_tensor(r).double()
+    out = {f"HR@{k}": (r < k).double().mean().item() for k in KS}
+    out.update({f"NDCG@{k}": torch.where(r < k, 1 / torch.log2(r + 2), 0.0).mean().item() for k in KS})
+    return out
+
+
+def evaluate_splits(model, data, cfg):
+    """({split: {protocol: metrics}}, the test ranks {protocol: (U,)})."""
+    valid, test = (evaluate(model, x, y, cfg.max_len) for x, y in ((data.valid_x, data.valid_y),
+                                                                    (data.test_x, data.test_y)))
+    return {"valid": {p: metrics(valid[p]) for p in PROTOCOLS}, "test": {p: metrics(test[p]) for p in PROTOCOLS}}, test
+
+
+def selection(cfg):
+    return "excluded" if cfg.exclude_seen else "kept"
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training: one stage = one model trained with CE (+ weighted KD from a frozen teacher), early stopping
 
 
+@dataclass
+class Teacher:
+    """A stage's frozen teacher: the CRM in L_LLM = CE + lambda1 * w1 * L_down, the LLM in L_CRM = CE + lambda2 * w2 * L_up.
+
+    It runs in eval mode (no dropout), so what it gives a training target is fixed for the stage: its hidden state,
+    computed when the stage starts, and its rank of the true item and sum_j p_j log p_j, kept from the first epoch,
+    which computes them anyway. Its logits are recomputed: keeping them would take (targets x items) floats.
+    """
+    model: nn.Module
+    T: float
+    lam: float
+    weighted: bool  # False: the --no-weight ablation, w = 1
+    hidden: torch.Tensor  # (M_all, D) at every training target, in the order of data.train_y > 0
+    rank: torch.Tensor  # (M_all,) rank of the true item, once known
+    negent: torch.Tensor  # (M_all,) sum_j p_j log p_j at temperature T, once known
+    known: bool = False  # rank and negent filled (from the second epoch; never with sampled candidates)
+
+
 @torch.no_grad()
-def cache_hidden(model, data, batch=512):
-    """The frozen teacher's hidden state at every training target, in the order of data.train_y > 0. (M, D)"""
+def make_teacher(model, data, T, lam, weighted, batch=512):
     model.eval()
     dev = next(model.parameters()).device
-    out = []
-    for i in range(0, len(data.train_x), batch):
-        x, y = data.train_x[i:i + batch].to(dev), data.train_y[i:i + batch].to(dev)
-        out.append(model.hidden(x)[y > 0])
-    return torch.cat(out)
+    hidden = torch.cat([model.hidden(data.train_x[i:i + batch].to(dev))[data.train_y[i:i + batch].to(dev) > 0]
+                        for i in range(0, len(data.train_x), batch)])
+    return Teacher(model, T, lam, weighted, hidden, torch.zeros(len(hidden), dtype=torch.int32, device=dev),
+                   torch.zeros(len(hidden), device=dev))
 
 
 def batches(data, size, gen):
-    """Shuffled batches of similar history length (sorted inside chunks of 64 batches), so little is padding."""
-    perm = torch.randperm(len(data.train_x), generator=gen)
-    lengths = (data.train_x > 0).sum(1)
-    out = [b for c in perm.split(64 * size) for b in c[lengths[c].argsort(stable=True)].split(size)]
-    return [out[i] for i in torch.randperm(len(out), generator=gen)]
+    """Plain shuffled batches of training windows: each step averages over the targets of `size` random windows."""
+    return list(torch.randperm(len(data.train_x), generator=gen).split(size))
 
 
 CHUNK = 2048  # training targets whose (targets x items) logits are held at once
 
 
-def objective(student, teacher, h, t_rows, tidx, cand, T, lam, no_weight):
-    """Summed CE (+ lam * w * T^2 * KL from the teacher) over the rows of h; how many rows the teacher ranks the true
-    item better than the student; and the teacher's (rank, sum p log p) per row.
-
-    t_rows: None (CE only) or the teacher's (hidden states, ranks, sum p log p) at these rows, the last two None when
-    not known yet.
-    """
+def objective(student, h, tidx, cand, teacher, rows):
+    """The student's loss summed over the rows of h (M, D): CE, plus lam * w * T^2 * KL from the teacher if there is
+    one (its rows: the teacher's entries for these targets); and how many rows the teacher ranks the true item
+    better than the student."""
     logits = student.score(h, cand)  # (M, N) or (M, 1+K)
-    if t_rows is None:
-        return F.cross_entropy(logits.float(), tidx, reduction="sum"), 0, None
-    t_h, r_t, t_negent = t_rows
-    t_logits = teacher.score(t_h, cand).detach()
+    if teacher is None:
+        return F.cross_entropy(logits.float(), tidx, reduction="sum"), 0
+    with torch.no_grad():
+        t_logits = teacher.model.score(teacher.hidden[rows], cand)
+    # NOTE: deviation: the student's rank (so w) comes from its training forward, dropout on; the paper does not say
     r_s = ranks(logits.detach(), tidx)
-    r_t = ranks(t_logits, tidx) if r_t is None else r_t
-    w = torch.ones_like(r_s, dtype=torch.float) if no_weight else adaptive_weight(r_s, r_t)
-    loss, t_negent = distill_ce(logits, t_logits, tidx, lam * w, T, t_negent)
-    return loss.sum(), (r_t < r_s).sum(), (r_t, t_negent)
+    r_t = teacher.rank[rows] if teacher.known else ranks(t_logits, tidx)
+    w = adaptive_weight(r_s, r_t) if teacher.weighted else torch.ones_like(r_s, dtype=torch.float)  # w1 or w2
+    loss, negent = distill_ce(logits, t_logits, tidx, teacher.lam * w, teacher.T,
+                              teacher.negent[rows] if teacher.known else None)
+    if not teacher.known:
+        teacher.rank[rows], teacher.negent[rows] = r_t, negent
+    return loss.sum(), (r_t < r_s).sum()
 
 
-def backward(student, teacher, h, t_rows, tidx, cand, T, lam, no_weight):
-    """Back-propagate the objective averaged over the rows of h (M, D); return its sum, the teacher-better count and
-    the teacher's (ranks, sum p log p) at the rows.
+def backward(student, h, tidx, cand, teacher, rows):
+    """Back-propagate the objective averaged over the rows of h (M, D); return its sum and the teacher-better count.
 
     The (M x items) logits are built and back-propagated CHUNK rows at a time: the same gradient, with memory
     bounded by the chunk instead of by the longest batch.
     """
     h_chunks = h.detach().requires_grad_()
-    total, better, t_consts = 0.0, 0, []
+    total, better = 0.0, 0
     for i in range(0, len(h), CHUNK):
         r = slice(i, i + CHUNK)
-        loss, n_better, t_known = objective(student, teacher, h_chunks[r],
-                                            None if t_rows is None else [x if x is None else x[r] for x in t_rows],
-                                            tidx[r], None if cand is None else cand[r], T, lam, no_weight)
+        loss, n_better = objective(student, h_chunks[r], tidx[r], None if cand is None else cand[r], teacher,
+                                   None if rows is None else rows[r])
         (loss / len(h)).backward()
         total, better = total + loss.detach(), better + n_better
-        t_consts.append(t_known)
     h.backward(h_chunks.grad)
-    return total, better, None if t_rows is None else [torch.cat(x) for x in zip(*t_consts)]
+    return total, better
 
 
-def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, T, lam, tag, gen):
-    """Train `student` for at most `epochs`; keep the weights with the best validation NDCG@10.
-
-    With a teacher (frozen), the loss is CE + lam * mean(w * T^2 * KL(p_teacher || p_student)); what the teacher
-    gives each target and does not change is computed once for the whole stage.
-    """
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    flat = torch.cumsum((data.train_y > 0).flatten(), 0).view_as(data.train_y) - 1  # (W, L) row in the cache
-    # the teacher is frozen and in eval mode (no dropout), so its outputs are exact to cache (assumption: the
-    # paper does not say whether the teacher runs with dropout): its hidden states now; its rank of the true item
-    # and sum_j p_j log p_j in the first epoch, which computes them anyway (not with sampled candidates, which
-    # change every batch). Its logits are recomputed: caching them would take (targets x items) floats.
-    t_hidden = cache_hidden(teacher, data).to(dev) if teacher is not None else None
-    t_rank, t_negent = (None, None) if teacher is None else (
-        torch.zeros(len(t_hidden), dtype=torch.int32, device=dev), torch.zeros(len(t_hidden), device=dev))
-    known = False
+def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, tag, gen):
+    """Train `student` (with a Teacher, or CE alone) for at most `epochs`; keep the weights with the best validation
+    NDCG@10."""
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    flat = torch.cumsum((data.train_y > 0).flatten(), 0).view_as(data.train_y) - 1  # (W, L) a target's teacher row
+    validate = lambda: metrics(evaluate(student, data.valid_x, data.valid_y, cfg.max_len)[selection(cfg)])
     # NOTE: deviation: the paper gives no schedule; each stage is a fresh Adam with early stopping, and a
     # warm-started stage keeps its starting weights if no epoch beats them on validation.
-    best = evaluate(student, data.valid_x, data.valid_y, cfg.exclude_seen)["NDCG@10"] if tag[0] > 0 else -1.0
+    best = validate()["NDCG@10"] if tag[0] > 0 else -1.0
     best_state, bad, log = {k: v.clone() for k, v in student.state_dict().items()}, 0, []
     for epoch in range(1, epochs + 1):
         t0 = time.time()
@@ -781,27 +804,22 @@ def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, T, lam, tag, ge
                 neg = torch.randint(1, data.num_items, (len(target), cfg.num_candidates), generator=gen).to(dev)
                 cand = torch.cat([target[:, None], neg + (neg >= target[:, None]).long()], 1)  # (M, 1+K)
             tidx = torch.zeros_like(target) if cand is not None else target - 1
-            t_rows = None
-            if t_hidden is not None:
-                rows = flat[idx][:, first:].to(dev)[m]
-                t_rows = (t_hidden[rows], t_rank[rows], t_negent[rows]) if known else (t_hidden[rows], None, None)
+            rows = flat[idx][:, first:].to(dev)[m] if teacher is not None else None
             opt.zero_grad(set_to_none=True)
-            loss, n_better, t_known = backward(student, teacher, student.hidden(x)[m], t_rows, tidx, cand, T, lam,
-                                               cfg.no_weight)
+            loss, n_better = backward(student, student.hidden(x)[m], tidx, cand, teacher, rows)
             opt.step()
-            if t_rows is not None and not known:
-                t_rank[rows], t_negent[rows] = t_known
             tot, n, better = tot + loss, n + len(target), better + n_better
-        known = t_hidden is not None and cfg.num_candidates == 0  # every target was visited once
-        metrics = evaluate(student, data.valid_x, data.valid_y, cfg.exclude_seen)
-        line = {"epoch": epoch, "loss": tot.item() / n, "valid": metrics, "seconds": time.time() - t0}
-        if t_hidden is not None:
+        if teacher is not None:
+            teacher.known = cfg.num_candidates == 0  # every target was visited once
+        valid = validate()
+        line = {"epoch": epoch, "loss": tot.item() / n, "valid": valid, "seconds": time.time() - t0}
+        if teacher is not None:
             line["teacher_better"] = better.item() / n  # share of samples with r_teacher < r_student
         log.append(line)
-        print(f"round {tag[0]} | {tag[1]:6s} | epoch {epoch:3d} | loss {line['loss']:.4f} | valid HR@10 {metrics['HR@10']:.4f}"
-              f" NDCG@10 {metrics['NDCG@10']:.4f} | {line['seconds']:.1f} s", flush=True)
-        if metrics["NDCG@10"] > best:
-            best, bad = metrics["NDCG@10"], 0
+        print(f"round {tag[0]} | {tag[1]:6s} | epoch {epoch:3d} | loss {line['loss']:.4f} | valid HR@10 "
+              f"{valid['HR@10']:.4f} NDCG@10 {valid['NDCG@10']:.4f} | {line['seconds']:.1f} s", flush=True)
+        if valid["NDCG@10"] > best and math.isfinite(line["loss"]):  # a diverged epoch is never kept
+            best, bad = valid["NDCG@10"], 0
             best_state = {k: v.clone() for k, v in student.state_dict().items()}
         else:
             bad += 1
@@ -835,6 +853,9 @@ def save_atomic(obj, path):
         if path.endswith(".json"):
             with open(tmp, "w") as fh:
                 json.dump(obj, fh, indent=2)
+        elif path.endswith(".npz"):
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **obj)
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -890,7 +911,7 @@ def resume(cfg):
 
 def prepare_out(cfg):
     """Refuse to touch an earlier run's results unless asked; return the checkpoint to start from, if any."""
-    taken = [f for f in ("results.json", "checkpoint.pt") if os.path.exists(os.path.join(cfg.out, f))]
+    taken = [f for f in ("results.json", "models.pt", "checkpoint.pt") if os.path.exists(os.path.join(cfg.out, f))]
     if taken and not cfg.overwrite:
         raise UserError(f"--out {cfg.out} already holds {', '.join(taken)}; pass --overwrite, --resume {cfg.out} "
                         "or another --out")
@@ -899,12 +920,28 @@ def prepare_out(cfg):
     return None
 
 
+def trained_state(model):
+    """The model's state without frozen pretrained weights (reloaded from --llm): what a stage changes, and buffers."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_trained(model, state):
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    assert all(not model.get_parameter(k).requires_grad for k in missing), missing
+
+
+MODELS = ("SASRec", "LLMD4Rec_C", "E4SRec", "LLMD4Rec_L")
+
+
 def run(cfg, stop_after=None):
-    """Train the baselines and the R rounds; write OUT/results.json. stop_after (tests) simulates a kill."""
+    """Train the baselines and the R rounds; write results.json, ranks.npz and models.pt to OUT.
+    stop_after (tests) simulates a kill after that many stages."""
     check_config(cfg)
     state = None
     if cfg.resume:
         cfg, state = resume(cfg)
+    cfg = dataclasses.replace(cfg, llm_lr=cfg.llm_lr or (1e-3 if cfg.llm == "tiny" else 3e-4))
     data = load_data(cfg)
     if cfg.num_candidates >= data.num_items:
         raise UserError(f"--num-candidates must be < the number of items ({data.num_items})")
@@ -913,17 +950,18 @@ def run(cfg, stop_after=None):
     dev = pick_device(cfg)
     fewer_page_faults()
     set_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     crm = SASRec(data.num_items, cfg).to(dev)
     llm = build_llm(cfg, crm, data.num_items).to(dev) if cfg.llm_epochs > 0 else None
+    set_seed(cfg.seed + 1)  # training draws the same dropout whether or not an LLM was built (--llm-epochs 0)
+    gen = torch.Generator().manual_seed(cfg.seed)
     cfg_dict = flags(dataclasses.asdict(cfg), ("resume", "overwrite"))
     res = {"dataset": data.summary(), "protocol": protocol(cfg), "models": {}, "rounds": [], "timing": {}}
-    done = 0
+    done, reported, test_ranks = 0, {}, {}  # the reported models' weights and per-user test ranks
     if state is not None:
         crm.load_state_dict(state["crm"])
         if llm is not None:
-            llm.load_state_dict(state["llm"])
-        res, done = state["results"], state["done"]
+            load_trained(llm, state["llm"])
+        res, done, reported, test_ranks = state["results"], state["done"], state["reported"], state["ranks"]
         torch.set_rng_state(state["rng"])
         if dev.type == "cuda" and state.get("cuda_rng") is not None:  # dropout on the GPU draws from its own stream
             torch.cuda.set_rng_state(state["cuda_rng"], dev)
@@ -937,67 +975,152 @@ def run(cfg, stop_after=None):
             continue
         t0 = time.time()
         if name in ("SASRec", "CRM"):
-            kd = rnd > 0 and cfg.direction in ("both", "up")
-            log = train_stage(crm, llm if kd else None, data, cfg, dev, lr=cfg.crm_lr, epochs=cfg.crm_epochs,
-                              T=cfg.T2, lam=cfg.lambda2, tag=(rnd, name), gen=gen)
+            up = rnd > 0 and cfg.direction in ("both", "up")  # L_up, weighted by w2
+            teacher = make_teacher(llm, data, cfg.T2, cfg.lambda2, not cfg.no_weight) if up else None
+            log = train_stage(crm, teacher, data, cfg, dev, lr=cfg.crm_lr, epochs=cfg.crm_epochs, tag=(rnd, name),
+                              gen=gen)
             model = crm
-            if rnd > 0 and not cfg.no_id_update:  # ID embedding update: the LLM's soft tokens follow SASRec
-                llm.E_c.copy_(crm.item_emb.weight.detach())
         else:
             if rnd == 0:  # the E4SRec baseline reads the SASRec baseline's embeddings
                 llm.E_c.copy_(crm.item_emb.weight.detach())
-            kd = rnd > 0 and cfg.direction in ("both", "down")
-            log = train_stage(llm, crm if kd else None, data, cfg, dev, lr=cfg.llm_lr, epochs=cfg.llm_epochs,
-                              T=cfg.T1, lam=cfg.lambda1, tag=(rnd, name), gen=gen)
+            down = rnd > 0 and cfg.direction in ("both", "down")  # L_down, weighted by w1
+            teacher = make_teacher(crm, data, cfg.T1, cfg.lambda1, not cfg.no_weight) if down else None
+            log = train_stage(llm, teacher, data, cfg, dev, lr=cfg.llm_lr, epochs=cfg.llm_epochs, tag=(rnd, name),
+                              gen=gen)
             model = llm
-        metrics = evaluate_both(model, data, cfg)
+        scores, ranks_now = evaluate_splits(model, data, cfg)
         seconds = time.time() - t0
-        res["rounds"].append({"round": rnd, "stage": name, **metrics, "seconds": seconds, "epochs": log})
+        res["rounds"].append({"round": rnd, "stage": name, **scores, "seconds": seconds, "epochs": log})
         res["timing"][f"round {rnd} {name}"] = {"seconds": seconds, "epochs": len(log),
                                                 "seconds_per_epoch": sum(e["seconds"] for e in log) / len(log)}
         if rnd == 0:
-            res["models"][name] = metrics
-        select_best(res)
-        state = {"config": cfg_dict, "crm": crm.state_dict(), "llm": llm.state_dict() if llm else None,
-                 "results": res, "done": i + 1, "rng": torch.get_rng_state(), "gen": gen.get_state(),
+            res["models"][name] = {"round": 0, **scores}
+        select_best(res, selection(cfg))
+        for key in ("SASRec", "LLMD4Rec_C") if model is crm else ("E4SRec", "LLMD4Rec_L"):
+            if res["models"].get(key, {}).get("round") == rnd:  # a model results.json reports: keep it
+                reported[key], test_ranks[key] = trained_state(model), ranks_now
+        if name == "CRM" and not cfg.no_id_update:  # ID embedding update: the LLM's soft tokens follow SASRec
+            llm.E_c.copy_(crm.item_emb.weight.detach())
+        state = {"config": cfg_dict, "crm": crm.state_dict(), "llm": trained_state(llm) if llm else None,
+                 "results": res, "done": i + 1, "reported": reported, "ranks": test_ranks,
+                 "rng": torch.get_rng_state(), "gen": gen.get_state(),
                  "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
         save_atomic(state, os.path.join(cfg.out, "checkpoint.pt"))
         if rnd == 0 and i + 1 == sum(r == 0 for r, _ in stages(cfg)):  # the baselines, for --baselines
             save_atomic(state, os.path.join(cfg.out, "baselines.pt"))
         if stop_after is not None and i + 1 >= stop_after:
             return None
+    save_atomic({"config": cfg_dict, "items": data.items, "models": reported}, os.path.join(cfg.out, "models.pt"))
+    save_atomic({f"{n}/{p}": r.numpy() for n, rr in test_ranks.items() for p, r in rr.items()},
+                os.path.join(cfg.out, "ranks.npz"))
     save_atomic(cfg_dict, os.path.join(cfg.out, "config.json"))
     save_atomic(res, os.path.join(cfg.out, "results.json"))
+    print_table(res)
+    if cfg.data == "synthetic":
+        print("synthetic data: it checks the machinery, not the method; both models reach the same ceiling here, and "
+              "a round without distillation gains as much (README, 'The default run')")
+    return res
+
+
+def select_best(res, protocol):
+    """LLMD4Rec_C / _L: the CRM / LLM of the round with the best validation NDCG@10 (never a test metric)."""
+    for key, stage in (("LLMD4Rec_C", "CRM"), ("LLMD4Rec_L", "LLM")):
+        cands = [s for s in res["rounds"] if s["stage"] == stage]
+        if cands:
+            best = max(cands, key=lambda s: s["valid"][protocol]["NDCG@10"])
+            res["models"][key] = {"round": best["round"], "valid": best["valid"], "test": best["test"]}
+
+
+def protocol(cfg):
+    return (f"leave-one-out, full ranking over all items, rank = other items scoring >= target, the user's history "
+            f"kept and excluded (selection: {selection(cfg)}), max_len {cfg.max_len}")
+
+
+def print_table(res):
+    names = [n for n in MODELS if n in res["models"]]
+    keys = [f"HR@{k}" for k in KS] + [f"NDCG@{k}" for k in KS]
+    for p in PROTOCOLS:
+        print(f"\ntest, history {p:8s} " + "".join(f"{n:>12s}" for n in names))
+        for k in keys:
+            print(f"{k:>8s}{'':17s}" + "".join(f"{res['models'][n]['test'][p][k]:12.4f}" for n in names))
+
+
+def load_models(out):
+    """The models that OUT/results.json reports, as they were evaluated, on the CPU: (Config, items, {name: model}),
+    items[j] the dataset's id of the item in score column j."""
+    saved = read_state(os.path.join(out, "models.pt"), "--evaluate " + out)
+    cfg, items, models = Config(**saved["config"]), saved["items"], {}
+    for name, state in saved["models"].items():
+        crm = SASRec(len(items), cfg)
+        models[name] = crm if name in ("SASRec", "LLMD4Rec_C") else build_llm(cfg, crm, len(items))
+        load_trained(models[name], state)
+    return cfg, items, models
+
+
+def evaluate_run(out):
+    """--evaluate OUT: the reported models reloaded from OUT/models.pt and evaluated on the test split again."""
+    cfg, _, models = load_models(out)
+    data = load_data(cfg)
+    res = {"models": {}}
+    for name, model in models.items():
+        r = evaluate(model, data.test_x, data.test_y, cfg.max_len)
+        res["models"][name] = {"test": {p: metrics(r[p]) for p in PROTOCOLS}}
+    print(f"{out}/models.pt, test split of {data.name}:")
     print_table(res)
     return res
 
 
-def select_best(res):
-    """LLMD4Rec_C / _L: the CRM / LLM of the round with the best validation NDCG@10."""
-    for key, stage in (("LLMD4Rec_C", "CRM"), ("LLMD4Rec_L", "LLM")):
-        cands = [s for s in res["rounds"] if s["stage"] == stage]
-        if cands:
-            best = max(cands, key=lambda s: s["valid"]["NDCG@10"])
-            res["models"][key] = {"valid": best["valid"], "test": best["test"], "round": best["round"]}
+def per_user(r, k):
+    """HR@k and NDCG@k of each user from the test ranks. (U,) each"""
+    hit = r < k
+    return {f"HR@{k}": hit.astype(float), f"NDCG@{k}": np.where(hit, 1 / np.log2(r + 2.0), 0.0)}
 
 
-def protocol(cfg):
-    return (f"leave-one-out, full ranking over all items, rank = other items scoring >= target, "
-            f"seen items {'excluded' if cfg.exclude_seen else 'kept'}, max_len {cfg.max_len}")
-
-
-def print_table(res):
-    names = [n for n in ("SASRec", "LLMD4Rec_C", "E4SRec", "LLMD4Rec_L") if n in res["models"]]
+def report(runs, resamples=1000):
+    """--report RUN [RUN ...]: mean ± sd over the runs (seeds) of the four models, both protocols; each run's gain of
+    LLMD4Rec_C over SASRec and of LLMD4Rec_L over E4SRec with a 95% interval from a paired bootstrap over test users."""
+    loaded = []
+    for d in runs:
+        for f in ("results.json", "ranks.npz"):
+            if not os.path.isfile(os.path.join(d, f)):
+                raise UserError(f"--report {d}: no {f} (not a finished run of this version)")
+        with open(os.path.join(d, "results.json")) as fh:
+            loaded.append((d, json.load(fh), np.load(os.path.join(d, "ranks.npz"))))
+    names = [n for n in MODELS if all(n in res["models"] for _, res, _ in loaded)]
     keys = [f"HR@{k}" for k in KS] + [f"NDCG@{k}" for k in KS]
-    print(f"\ntest ({res['dataset']['name']})  " + "".join(f"{n:>12s}" for n in names))
-    for k in keys:
-        print(f"{k:>8s}{'':9s}" + "".join(f"{res['models'][n]['test'][k]:12.4f}" for n in names))
+    sd = (lambda v: f" ± {np.std(v, ddof=1):.4f}") if len(runs) > 1 else (lambda v: "")
+    rng = np.random.default_rng(0)
+    for p in PROTOCOLS:
+        print(f"\ntest, history {p}, mean{' ± sd' if len(runs) > 1 else ''} over {len(runs)} run(s)\n")
+        print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+        for n in names:
+            vals = [[res["models"][n]["test"][p][k] for _, res, _ in loaded] for k in keys]
+            print(f"| {n} | " + " | ".join(f"{np.mean(v):.4f}{sd(v)}" for v in vals) + " |")
+        print("\n| gain, 95% interval (paired bootstrap over test users) | run | HR@10 | NDCG@10 |\n|---|---|---|---|")
+        for new, old in (("LLMD4Rec_C", "SASRec"), ("LLMD4Rec_L", "E4SRec")):
+            if new not in names or old not in names:
+                continue
+            for d, _, rk in loaded:
+                a, b = per_user(rk[f"{new}/{p}"], 10), per_user(rk[f"{old}/{p}"], 10)
+                cells = []
+                for k in ("HR@10", "NDCG@10"):
+                    diff = a[k] - b[k]
+                    boot = np.concatenate([diff[rng.integers(0, len(diff), (100, len(diff)))].mean(1)
+                                           for _ in range(resamples // 100)])
+                    lo, hi = np.percentile(boot, [2.5, 97.5])
+                    cells.append(f"{diff.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]")
+                print(f"| {new} - {old} | {d} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    cfg, commands = parse_args(argv)
     try:
-        run(cfg)
+        if commands["report"]:
+            report(commands["report"])
+        elif commands["evaluate"]:
+            evaluate_run(commands["evaluate"])
+        else:
+            run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

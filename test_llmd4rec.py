@@ -1,4 +1,5 @@
 """Tests for llmd4rec.py: fast, CPU only, no network. Run: python -m pytest -q test_llmd4rec.py"""
+import copy
 import dataclasses
 import json
 import math
@@ -6,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,8 +46,10 @@ def test_split_leave_one_out_and_remapping(tmp_path):
     d = L.split(seqs, max_len=3, name="toy")
     assert (d.num_users, d.num_items, d.num_interactions) == (3, 5, 10)
     # ids remapped in sorted order: 100->1 ... 500->5
+    assert d.items == [100, 200, 300, 400, 500]
     assert d.valid_y.tolist() == [4, 4] and d.test_y.tolist() == [5, 3]
-    assert d.valid_x.tolist() == [[1, 2, 3], [0, 0, 5]] and d.test_x.tolist() == [[2, 3, 4], [0, 5, 4]]
+    # evaluation keeps whole histories (the models read the last max_len items; exclusion uses all of them)
+    assert d.valid_x.tolist() == [[1, 2, 3], [0, 0, 5]] and d.test_x.tolist() == [[1, 2, 3, 4], [0, 0, 5, 4]]
     # user 2 (2 items) only trains; user 1 trains on 1->2->3, user 3 has no training target
     assert sorted(d.train_y[d.train_y > 0].tolist()) == [1, 2, 3]
 
@@ -169,6 +173,9 @@ def test_from_pretrained_with_lora(tmp_path):
     assert sum(isinstance(m, L.LoRALinear) for m in llm.modules()) == 2 * 4  # 2 layers x q, k, v, o
     assert llm.prompt_ids.tolist() == prompt_ids  # the model's own tokenizer
     assert llm.hidden(torch.tensor([[0, 1, 2]])).shape == (1, 3, 32)
+    # a pretrained backbone trains at E4SRec's learning rate unless told otherwise
+    L.run(dataclasses.replace(cfg, rounds=0, crm_epochs=1, llm_epochs=1))
+    assert json.load(open(os.path.join(cfg.out, "config.json")))["llm_lr"] == 3e-4
 
 
 def test_a_backbone_without_the_cache_argument_is_refused(tmp_path, monkeypatch):
@@ -199,29 +206,28 @@ def test_kd_loss_matches_float64_formula_value_and_gradient():
     s = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     t = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     T = 2.5
-    got = L.kd_loss(s.float(), t.float(), T)
-    p_t = torch.softmax(t / T, -1)
-    ref = T ** 2 * (p_t * (torch.log(p_t) - torch.log_softmax(s / T, -1))).sum(-1)
-    assert torch.allclose(got.double(), ref, atol=1e-5)
-    g_got, = torch.autograd.grad(L.kd_loss(s, t, T).sum(), s)
+    got = L.kd_loss(s, t, T)
+    p_t, p_s = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    ref = T ** 2 * (p_t * (torch.log(p_t) - torch.log(p_s))).sum(-1)
+    assert torch.allclose(got, ref, atol=1e-12)
+    g_got, = torch.autograd.grad(got.sum(), s)
     g_ref, = torch.autograd.grad(ref.sum(), s)
-    assert torch.allclose(g_got, g_ref, atol=1e-5)
-    # the teacher gets no gradient
-    L.kd_loss(s, t, T).sum().backward()
+    assert torch.allclose(g_got, g_ref, atol=1e-10)
+    L.kd_loss(s, t, T).sum().backward()  # the teacher gets no gradient
     assert t.grad is None and s.grad is not None
 
 
 @pytest.mark.parametrize("T", [1.0, 2.5])
-def test_distill_ce_matches_float64_formula_value_and_gradient(T):
+def test_fused_loss_equals_ce_plus_weighted_kd_loss(T):
+    """Training's distill_ce is CE + c * kd_loss (the plain definition), in value and gradient."""
     torch.manual_seed(2)
     s = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
     t = 3 * torch.randn(5, 11, dtype=torch.float64)
-    target, c = torch.tensor([0, 3, 10, 3, 7]), torch.tensor([0.0, 0.5, 1.0, 2.0, 1.5])
+    target, c = torch.tensor([0, 3, 10, 3, 7]), torch.tensor([0.0, 0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
+    ref = F.cross_entropy(s, target, reduction="none") + c * L.kd_loss(s, t, T)
     got, negent = L.distill_ce(s, t, target, c, T)
-    p_t = torch.softmax(t / T, -1)
-    kl = (p_t * (torch.log(p_t) - torch.log_softmax(s / T, -1))).sum(-1)
-    ref = F.cross_entropy(s, target, reduction="none") + c.double() * T ** 2 * kl
     assert torch.allclose(got.double(), ref, atol=1e-5)
+    p_t = torch.softmax(t / T, -1)
     assert torch.allclose(negent.double(), (p_t * torch.log(p_t)).sum(-1), atol=1e-6)
     weights = torch.rand(5, dtype=torch.float64)  # a non-uniform upstream gradient
     g_ref, = torch.autograd.grad((ref * weights).sum(), s)
@@ -232,6 +238,9 @@ def test_distill_ce_matches_float64_formula_value_and_gradient(T):
         assert torch.allclose(g_got, g_ref, atol=1e-6)
     # a wrong value given back shows in the loss: it is used, not recomputed
     assert not torch.allclose(L.distill_ce(s, t, target, c, T, negent - 1)[0], got)
+    # float32 logits with a float64 weight
+    loss, _ = L.distill_ce(s.float().detach().requires_grad_(), t.float(), target, c, T)
+    loss.sum().backward()
 
 
 def test_kd_loss_nonnegative_zero_on_equal_and_stable():
@@ -288,21 +297,33 @@ def test_metrics_on_a_hand_made_ranking():
     scores[1, :] = torch.arange(25.0)  # user 1: target item 20 (score 19): items 21..25 above -> rank 5
     scores[2, :] = 1.0                 # user 2: all tied: the 24 others count as above -> rank 24
     x = torch.tensor([[0, 1], [2, 3], [4, 5]])
-    m = L.evaluate(FixedScores(scores), x, torch.tensor([5, 20, 3]))
+    r = L.evaluate(FixedScores(scores), x, torch.tensor([5, 20, 3]), max_len=2)["kept"]
+    assert r.tolist() == [0, 5, 24]
+    m = L.metrics(r)
     assert [m[f"HR@{k}"] for k in (5, 10, 20)] == pytest.approx([1 / 3, 2 / 3, 2 / 3])
     assert m["NDCG@5"] == pytest.approx(1 / 3)
     assert m["NDCG@10"] == pytest.approx((1 + 1 / math.log2(7)) / 3)
     assert m["NDCG@20"] == pytest.approx((1 + 1 / math.log2(7)) / 3)
 
 
-def test_exclude_seen_removes_history_but_not_the_target():
+def test_a_diverged_model_gets_the_worst_rank():
+    scores = torch.zeros(3, 25)
+    scores[0] = float("nan")  # all NaN
+    scores[1, 4] = float("inf")  # the target's score is infinite
+    scores[2, 4], scores[2, 7] = 1.0, float("nan")  # a NaN elsewhere counts as above the target
+    r = L.evaluate(FixedScores(scores), torch.tensor([[1], [2], [3]]), torch.tensor([5, 5, 5]), max_len=2)
+    assert r["kept"].tolist() == [24, 24, 1]
+    assert L.metrics(r["kept"][:2])["HR@20"] == 0 and L.metrics(r["kept"][:2])["NDCG@20"] == 0
+
+
+def test_excluded_protocol_removes_the_whole_history_but_not_the_target():
     scores = torch.arange(10.0)[None].repeat(2, 1)  # item k scores k - 1: items 9 and 10 beat item 8
     model = FixedScores(scores)
-    hist = torch.tensor([[9, 10, 8], [0, 0, 1]])  # user 0 saw 9, 10 and its own target 8
-    y = torch.tensor([8, 8])
-    assert L.evaluate(model, hist, y)["NDCG@5"] == pytest.approx(1 / math.log2(4))
-    m = L.evaluate(model, hist, y, exclude_seen=True)
-    assert m["NDCG@5"] == pytest.approx((1 + 1 / math.log2(4)) / 2)  # user 0 -> rank 0, user 1 stays at 2
+    # user 0 saw 10 long ago (before the last max_len = 2 items), then 9 and its own target 8
+    hist = torch.tensor([[10, 1, 9, 8], [0, 0, 0, 1]])
+    r = L.evaluate(model, hist, torch.tensor([8, 8]), max_len=2)
+    assert r["kept"].tolist() == [2, 2]
+    assert r["excluded"].tolist() == [0, 2]  # user 0: 9 and 10 removed, the target kept
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -314,42 +335,144 @@ def popularity_hr10(data):
     return torch.isin(data.test_y, top).float().mean().item()
 
 
-def test_models_learn_the_synthetic_data_and_runs_repeat(tmp_path):
-    cfg = cfg_for(tmp_path, rounds=0)
+def test_models_learn_the_synthetic_data_and_a_round_improves_both(tmp_path):
+    # On the synthetic data a round without distillation (--direction up for the LLM, down for SASRec) gains as
+    # much (README): this checks that a round warm-starts both models and improves them, not the KD itself.
+    # (That a seeded run repeats exactly is checked by the resume and --baselines tests, which compare two runs.)
+    cfg = cfg_for(tmp_path)
     res = L.run(cfg)
     pop = popularity_hr10(L.load_data(cfg))
     assert pop < 0.2
     for name in ("SASRec", "E4SRec"):
-        assert res["models"][name]["test"]["HR@10"] > pop + 0.4, (name, res["models"][name], pop)
-    again = L.run(dataclasses.replace(cfg, out=str(tmp_path / "again")))
-    assert again["models"] == res["models"]
-
-
-def test_one_round_improves_both_models(tmp_path):
-    # On the synthetic data a round without distillation (--direction up for the LLM, down for SASRec) gains as
-    # much (README): this checks that a round warm-starts both models and improves them, not the KD itself.
-    res = L.run(cfg_for(tmp_path))
-    valid = {s["stage"]: s["valid"]["NDCG@10"] for s in res["rounds"]}
+        assert res["models"][name]["test"]["kept"]["HR@10"] > pop + 0.4, (name, res["models"][name], pop)
+    valid = {s["stage"]: s["valid"]["kept"]["NDCG@10"] for s in res["rounds"]}
     assert valid["LLM"] > valid["E4SRec"] + 0.02 and valid["CRM"] > valid["SASRec"] + 0.01, valid
     assert res["models"]["LLMD4Rec_C"]["round"] == res["models"]["LLMD4Rec_L"]["round"] == 1
 
 
-def test_round_of_distillation_and_ablation_flags(tmp_path, monkeypatch):
-    seen = []
-    real = L.train_stage
+def record_training(monkeypatch):
+    """Spy on what training runs: every stage (its teacher, the soft tokens it starts from, the embeddings it ends
+    with) and every call of the loss (student logits, teacher logits, targets, the weight c = lambda * w, T)."""
+    stages, calls = [], []
+    real_stage, real_loss = L.train_stage, L.distill_ce
 
-    def spy(student, teacher, data, cfg, dev, **kw):
-        seen.append((kw["tag"], teacher is not None, cfg.no_weight))
-        return real(student, teacher, data, cfg, dev, **kw)
+    def stage(student, teacher, data, cfg, dev, **kw):
+        entry = {"tag": kw["tag"], "teacher": teacher, "E_c": getattr(student, "E_c", torch.zeros(0)).clone()}
+        stages.append(entry)
+        log = real_stage(student, teacher, data, cfg, dev, **kw)
+        if isinstance(student, L.SASRec):
+            entry["item_emb"] = student.item_emb.weight.detach().clone()
+        return log
 
-    monkeypatch.setattr(L, "train_stage", spy)
-    res = L.run(cfg_for(tmp_path, direction="up", crm_epochs=3, llm_epochs=2))
-    assert [(t, kd) for t, kd, _ in seen] == [((0, "SASRec"), False), ((0, "E4SRec"), False),
-                                              ((1, "LLM"), False), ((1, "CRM"), True)]
-    assert set(res["models"]) == {"SASRec", "E4SRec", "LLMD4Rec_C", "LLMD4Rec_L"}
-    assert [s["stage"] for s in res["rounds"]] == ["SASRec", "E4SRec", "LLM", "CRM"]
-    crm_stage = res["rounds"][3]["epochs"][0]
-    assert 0 <= crm_stage["teacher_better"] <= 1
+    def loss(s, t, target, c, T, t_negent=None):
+        calls.append((stages[-1]["tag"], s.detach(), t.detach(), target, c, T))
+        return real_loss(s, t, target, c, T, t_negent)
+
+    monkeypatch.setattr(L, "train_stage", stage)
+    monkeypatch.setattr(L, "distill_ce", loss)
+    return stages, calls
+
+
+def rank_of(logits, tidx):
+    return ((logits >= logits.gather(1, tidx[:, None])).sum(1) - 1).float()
+
+
+def w1(r_c, r_l):  # METHOD.md: the LLM learning from the CRM
+    return torch.where(r_l > r_c, 1 + (r_l - r_c) / r_c.clamp(min=1), 1 - (r_c - r_l) / r_l.clamp(min=1)).clamp(0, 2)
+
+
+def w2(r_c, r_l):  # METHOD.md: the CRM learning from the LLM
+    return torch.where(r_c > r_l, 1 + (r_c - r_l) / r_l.clamp(min=1), 1 - (r_l - r_c) / r_c.clamp(min=1)).clamp(0, 2)
+
+
+def test_training_distills_both_ways_with_the_papers_weights_and_soft_tokens(tmp_path, monkeypatch):
+    stages, calls = record_training(monkeypatch)
+    cfg = cfg_for(tmp_path, crm_epochs=2, llm_epochs=2, rounds=2, T1=1.5, T2=2.0, lambda1=0.7, lambda2=0.4)
+    res = L.run(cfg)
+    assert [s["tag"] for s in stages] == [(0, "SASRec"), (0, "E4SRec"), (1, "LLM"), (1, "CRM"), (2, "LLM"), (2, "CRM")]
+    assert [s["teacher"] is not None for s in stages] == [False, False, True, True, True, True]
+    assert {c[0] for c in calls} == {(1, "LLM"), (1, "CRM"), (2, "LLM"), (2, "CRM")}  # L_down and L_up, each round
+    not_one = 0
+    for tag, s, t, target, c, T in calls:
+        if tag[1] == "LLM":  # L_LLM = CE + lambda1 * w1 * T1^2 * KL(p_c || p_l): the student is the LLM
+            r_l, r_c = rank_of(s, target), rank_of(t, target)
+            assert T == cfg.T1 and torch.allclose(c, cfg.lambda1 * w1(r_c, r_l)), tag
+        else:  # L_CRM = CE + lambda2 * w2 * T2^2 * KL(p_l || p_c): the student is SASRec
+            r_c, r_l = rank_of(s, target), rank_of(t, target)
+            assert T == cfg.T2 and torch.allclose(c, cfg.lambda2 * w2(r_c, r_l)), tag
+        not_one += int((c != c[0]).sum())
+    assert not_one > 100  # the weights differ between samples
+    # soft tokens: E4SRec reads the SASRec baseline's embeddings, round 1 too; round 2 reads round 1's SASRec
+    sasrec, crm1 = stages[0]["item_emb"], stages[3]["item_emb"]
+    assert torch.equal(stages[1]["E_c"], sasrec) and torch.equal(stages[2]["E_c"], sasrec)
+    assert torch.equal(stages[4]["E_c"], crm1) and not torch.equal(crm1, sasrec)
+    assert 0 <= res["rounds"][3]["epochs"][0]["teacher_better"] <= 1
+
+
+def test_ablations_no_weight_and_no_id_update(tmp_path, monkeypatch):
+    stages, calls = record_training(monkeypatch)
+    L.run(cfg_for(tmp_path, crm_epochs=2, llm_epochs=1, rounds=2, lambda1=0.7, lambda2=0.4, no_weight=True,
+                  no_id_update=True))
+    assert {c[0] for c in calls} == {(1, "LLM"), (1, "CRM"), (2, "LLM"), (2, "CRM")}
+    for tag, _, _, _, c, _ in calls:  # w = 1: c is lambda for every sample
+        assert torch.equal(c, torch.full_like(c, 0.7 if tag[1] == "LLM" else 0.4)), tag
+    assert torch.equal(stages[4]["E_c"], stages[0]["item_emb"])  # round 2 still reads the SASRec baseline's
+
+
+@pytest.mark.parametrize("direction, distilled", [("up", {"CRM"}), ("down", {"LLM"})])
+def test_one_way_directions(tmp_path, monkeypatch, direction, distilled):
+    stages, calls = record_training(monkeypatch)
+    L.run(cfg_for(tmp_path, direction=direction, crm_epochs=2, llm_epochs=1))
+    assert [s["teacher"] is not None for s in stages] == [False, False, "LLM" in distilled, "CRM" in distilled]
+    assert {c[0][1] for c in calls} == distilled
+
+
+def test_the_teacher_scores_the_targets_of_the_batch(monkeypatch):
+    """A teacher identical to the student (no dropout) gives the student's own logits at the first step, row for
+    row: the teacher's cached rows belong to the batch's targets."""
+    cfg = L.Config(d=32, crm_dropout=0.0)
+    data = L.load_data(cfg)
+    crm = L.SASRec(data.num_items, cfg)
+    teacher = L.make_teacher(copy.deepcopy(crm), data, 1.0, 1.0, True)
+    seen, real = [], L.distill_ce
+    monkeypatch.setattr(L, "distill_ce", lambda s, t, *a: seen.append((s.detach(), t)) or real(s, t, *a))
+    L.train_stage(crm, teacher, data, cfg, torch.device("cpu"), lr=1e-3, epochs=1, tag=(1, "CRM"),
+                  gen=torch.Generator().manual_seed(3))
+    assert len(seen[0][0]) > 100 and torch.allclose(seen[0][0], seen[0][1], atol=1e-5)
+
+
+def test_the_reported_rounds_are_chosen_on_validation():
+    def stage(rnd, name, valid, test):
+        return {"round": rnd, "stage": name, "valid": {p: {"NDCG@10": valid} for p in L.PROTOCOLS},
+                "test": {p: {"NDCG@10": test} for p in L.PROTOCOLS}}
+
+    res = {"models": {}, "rounds": [stage(1, "LLM", .5, .9), stage(1, "CRM", .3, .8), stage(2, "LLM", .6, .1),
+                                    stage(2, "CRM", .2, .9)]}
+    L.select_best(res, "kept")
+    assert res["models"]["LLMD4Rec_L"]["round"] == 2 and res["models"]["LLMD4Rec_C"]["round"] == 1
+    res["rounds"][3]["valid"]["excluded"]["NDCG@10"] = .4  # selection on the other protocol
+    L.select_best(res, "excluded")
+    assert res["models"]["LLMD4Rec_C"]["round"] == 2
+
+
+def test_a_diverged_epoch_is_never_kept(monkeypatch):
+    cfg = L.Config(d=16, patience=1)
+    data = L.load_data(cfg)
+    crm = L.SASRec(data.num_items, cfg)
+    before = {k: v.clone() for k, v in crm.state_dict().items()}
+    real = L.backward
+
+    def nan_gradients(student, *a):
+        out = real(student, *a)
+        for p in student.parameters():
+            p.grad.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(L, "backward", nan_gradients)
+    log = L.train_stage(crm, None, data, cfg, torch.device("cpu"), lr=1e-3, epochs=1, tag=(0, "SASRec"),
+                        gen=torch.Generator().manual_seed(0))
+    assert math.isnan(log[0]["loss"]) and log[0]["valid"]["HR@20"] == 0
+    assert all(torch.equal(before[k], v) for k, v in crm.state_dict().items())  # the starting weights, not NaN
 
 
 def test_chunked_logits_give_the_same_gradient(monkeypatch):
@@ -364,7 +487,8 @@ def test_chunked_logits_give_the_same_gradient(monkeypatch):
     for chunk in (10 ** 6, 7):  # one chunk per batch, or many
         monkeypatch.setattr(L, "CHUNK", chunk)
         crm.zero_grad()
-        loss, better, _ = L.backward(crm, llm, crm.hidden(x)[m], (t_h, None, None), y[m] - 1, None, 2.0, 0.5, False)
+        teacher = L.Teacher(llm, 2.0, 0.5, True, t_h, torch.zeros(len(t_h), dtype=torch.int32), torch.zeros(len(t_h)))
+        loss, better = L.backward(crm, crm.hidden(x)[m], y[m] - 1, None, teacher, torch.arange(len(t_h)))
         grads.append([p.grad.clone() for p in crm.parameters()])
         sums.append((loss.item(), int(better)))
     assert m.sum() > 7 * 10 and grads[0][0].abs().sum() > 0
@@ -380,9 +504,13 @@ def test_teacher_ranks_and_entropy_kept_from_the_first_epoch_train_the_same(monk
     data = L.load_data(cfg)
     real, given = L.objective, []
 
-    def recompute(student, teacher, h, t_rows, *rest):
-        given.append(t_rows[1] is not None)
-        return real(student, teacher, h, (t_rows[0], None, None), *rest)
+    def recompute(student, h, tidx, cand, teacher, rows):
+        given.append(teacher.known)
+        known, teacher.known = teacher.known, False
+        try:
+            return real(student, h, tidx, cand, teacher, rows)
+        finally:
+            teacher.known = known
 
     logs, states = [], []
     for patch in (False, True):
@@ -391,8 +519,8 @@ def test_teacher_ranks_and_entropy_kept_from_the_first_epoch_train_the_same(monk
         llm = L.build_llm(cfg, crm, data.num_items)
         if patch:
             monkeypatch.setattr(L, "objective", recompute)
-        logs.append(L.train_stage(crm, llm, data, cfg, torch.device("cpu"), lr=cfg.crm_lr, epochs=3, T=cfg.T2,
-                                  lam=1.0, tag=(1, "CRM"), gen=torch.Generator().manual_seed(0)))
+        logs.append(L.train_stage(crm, L.make_teacher(llm, data, cfg.T2, 1.0, True), data, cfg, torch.device("cpu"),
+                                  lr=cfg.crm_lr, epochs=3, tag=(1, "CRM"), gen=torch.Generator().manual_seed(0)))
         states.append(crm.state_dict())
     n = len(given) // 3  # objective calls per epoch
     assert not any(given[:n]) and all(given[n:])  # known from the second epoch on
@@ -400,13 +528,6 @@ def test_teacher_ranks_and_entropy_kept_from_the_first_epoch_train_the_same(monk
     assert [e["teacher_better"] for e in logs[0]] == [e["teacher_better"] for e in logs[1]]
     for k in states[0]:
         assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k
-
-
-def test_no_weight_means_w_equals_one(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(L, "adaptive_weight", lambda *a: calls.append(1) or torch.ones(1))
-    L.run(cfg_for(tmp_path, no_weight=True, crm_epochs=2, llm_epochs=1))
-    assert calls == []
 
 
 def test_id_update_refreshes_the_soft_tokens(tmp_path):
@@ -420,7 +541,7 @@ def test_id_update_refreshes_the_soft_tokens(tmp_path):
 
 def test_sampled_candidates_train_and_rank_the_target(tmp_path):
     res = L.run(cfg_for(tmp_path, num_candidates=10, rounds=1, crm_epochs=10, llm_epochs=3))
-    assert res["models"]["SASRec"]["test"]["HR@10"] > 0.3  # full-ranking evaluation still works
+    assert res["models"]["SASRec"]["test"]["kept"]["HR@10"] > 0.3  # full-ranking evaluation still works
 
 
 def test_existing_results_are_not_overwritten(tmp_path):
@@ -447,7 +568,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "cli"
     cmd = [sys.executable, os.path.join(HERE, "llmd4rec.py"), "--out", str(out), "--crm-epochs", "3",
            "--llm-epochs", "1", "--rounds", "1", "--d", "16", "--llm-dim", "16", "--llm-heads", "2"]
@@ -456,14 +577,71 @@ def test_cli_end_to_end(tmp_path):
     res = json.loads((out / "results.json").read_text())
     keys = {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"}
     for name in ("SASRec", "E4SRec", "LLMD4Rec_C", "LLMD4Rec_L"):
-        assert set(res["models"][name]["valid"]) == keys and set(res["models"][name]["test"]) == keys
+        for split in ("valid", "test"):
+            assert set(res["models"][name][split]) == {"kept", "excluded"}
+            assert all(set(res["models"][name][split][p]) == keys for p in ("kept", "excluded"))
     assert res["dataset"]["name"] == "synthetic" and res["dataset"]["items"] == 120
     assert "round 0 SASRec" in res["timing"]
     assert json.loads((out / "config.json").read_text())["d"] == 16
-    assert "NDCG@10" in p.stdout
-    # the same command again refuses to overwrite, with one line and no traceback
-    p2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
-    assert p2.returncode == 2 and p2.stderr.startswith("error: --out") and "Traceback" not in p2.stderr
+    assert "test, history kept" in p.stdout and "test, history excluded" in p.stdout
+    assert p.stdout.strip().splitlines()[-1].startswith("synthetic data: it checks the machinery, not the method")
+    # the same command again refuses to overwrite, with one line
+    assert L.main(cmd[2:]) == 2 and capsys.readouterr().err.startswith(f"error: --out {out} already holds results.json")
+
+
+def test_evaluate_reloads_the_reported_models_and_their_numbers(tmp_path, capsys):
+    cfg = cfg_for(tmp_path, crm_epochs=3, llm_epochs=2, rounds=2)
+    res = L.run(cfg)
+    saved = torch.load(os.path.join(cfg.out, "models.pt"), weights_only=False)
+    assert set(saved["models"]) == set(L.MODELS) and saved["items"] == L.load_data(cfg).items
+    ranks = np.load(os.path.join(cfg.out, "ranks.npz"))
+    assert L.main(["--evaluate", cfg.out]) == 0
+    again = L.evaluate_run(cfg.out)
+    for name in L.MODELS:
+        for p in L.PROTOCOLS:
+            assert again["models"][name]["test"][p] == pytest.approx(res["models"][name]["test"][p], abs=1e-4)
+            assert L.metrics(ranks[f"{name}/{p}"]) == pytest.approx(res["models"][name]["test"][p], abs=1e-12)
+    assert "test, history kept" in capsys.readouterr().out
+    # the README's example: LLMD4Rec_C's top 10 for a history of the dataset's own item ids
+    cfg, items, models = L.load_models(cfg.out)
+    row = {item: j + 1 for j, item in enumerate(items)}
+    history = torch.tensor([[row[i] for i in (3, 4, 5)]])
+    top10 = [items[j] for j in models["LLMD4Rec_C"].score(models["LLMD4Rec_C"].hidden(history)[:, -1]).topk(10).indices[0]]
+    assert len(set(top10)) == 10 and set(top10) <= set(items)
+
+
+def fake_run(folder, ranks):
+    """A finished run's results.json and ranks.npz from given test ranks {model: (U,)}, the same for both protocols."""
+    os.makedirs(folder)
+    models = {n: {"round": 0, "test": {p: L.metrics(r) for p in L.PROTOCOLS}} for n, r in ranks.items()}
+    with open(os.path.join(folder, "results.json"), "w") as fh:
+        json.dump({"models": models}, fh)
+    np.savez(os.path.join(folder, "ranks.npz"), **{f"{n}/{p}": r for n, r in ranks.items() for p in L.PROTOCOLS})
+
+
+def test_report_means_and_paired_bootstrap_intervals(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    runs = []
+    for seed in range(2):
+        base = rng.integers(0, 40, 3000)
+        better = np.where(rng.random(3000) < 0.3, base // 4, base)  # a clear gain
+        same = np.where(rng.random(3000) < 0.5, base, rng.permutation(base))  # no gain on average
+        runs.append(str(tmp_path / f"s{seed}"))
+        fake_run(runs[-1], {"SASRec": base, "LLMD4Rec_C": better, "E4SRec": base, "LLMD4Rec_L": same})
+    assert L.main(["--report"] + runs) == 0
+    out = capsys.readouterr().out
+    res = [json.load(open(os.path.join(r, "results.json"))) for r in runs]
+    ndcg = [r["models"]["LLMD4Rec_C"]["test"]["kept"]["NDCG@10"] for r in res]
+    assert f"| LLMD4Rec_C | " in out and f"{np.mean(ndcg):.4f} ± {np.std(ndcg, ddof=1):.4f}" in out
+    for r, folder in zip(res, runs):
+        line = next(l for l in out.splitlines() if l.startswith(f"| LLMD4Rec_C - SASRec | {folder} |"))
+        gain = r["models"]["LLMD4Rec_C"]["test"]["kept"]["NDCG@10"] - r["models"]["SASRec"]["test"]["kept"]["NDCG@10"]
+        value, lo, hi = (float(v) for v in line.split("|")[4].replace("[", " ").replace(",", " ").replace("]", " ").split())
+        assert value == pytest.approx(gain, abs=1e-4) and 0 < lo < value < hi  # a real gain: the interval excludes 0
+        line = next(l for l in out.splitlines() if l.startswith(f"| LLMD4Rec_L - E4SRec | {folder} |"))
+        value, lo, hi = (float(v) for v in line.split("|")[4].replace("[", " ").replace(",", " ").replace("]", " ").split())
+        assert lo < value < hi and hi - lo > 0.005
+    assert L.main(["--report", str(tmp_path / "nothing")]) == 2
 
 
 def test_cli_bad_data_is_one_line(tmp_path):
@@ -485,6 +663,7 @@ BAD = [  # (extra flags, exact error message); {out} and {tmp} are filled in
     (["--max-len", "1"], "--max-len must be >= 2"),
     (["--direction", "sideways"], "--direction must be both, up or down"),
     (["--d", "30", "--crm-heads", "4"], "--d must be divisible by --crm-heads"),
+    (["--llm-heads", "0"], "--llm-layers, --llm-heads and --lora-r must be >= 1"),
     (["--num-candidates", "120"], "--num-candidates must be < the number of items (120)"),
     (["--data", "{tmp}/missing.txt"], "{tmp}/missing.txt: file not found (expected a dataset file or 'synthetic')"),
     (["--data", "{tmp}/three.txt"], "three.txt: no user has 4 or more items; nothing to train on"),
@@ -544,7 +723,7 @@ def test_resume_from_the_command_line_takes_the_runs_flags(tmp_path, capsys):
     out = str(tmp_path / "run")
     flags = ["--d", "16", "--llm-dim", "16", "--llm-layers", "1", "--llm-heads", "2", "--crm-epochs", "2",
              "--llm-epochs", "1", "--rounds", "1", "--out", out]
-    L.run(L.parse_config(flags), stop_after=2)  # killed after round 0
+    L.run(L.parse_args(flags)[0], stop_after=2)  # killed after round 0
     assert L.main(["--resume", out, "--d", "32"]) == 2  # a flag that contradicts the run: refused, nothing changes
     assert capsys.readouterr().err == (f"error: --resume {out} continues with the flags the run was started with; "
                                        "given otherwise: --d 32 (the run: 16)\n")
