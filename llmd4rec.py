@@ -18,11 +18,12 @@ Notation (paper -> code):
     r_c, r_l             rank of the true item (0 = top)   ranks()
     w1, w2               sample-wise adaptive weights      adaptive_weights()
     L_down, L_up         KL(p_c || p_l), KL(p_l || p_c)    kd_loss(student, teacher, T)
-    L_LLM, L_CRM         CE + lambda * w * T^2 * KL        distill_ce(student, teacher, target, lambda * w, T)
+    L_LLM, L_CRM         CE + lambda * w * T^2 * KL        objective() with a Teacher; fused: distill_ce()
 
 Run:
     python llmd4rec.py                                    # synthetic data, seconds on a laptop CPU
     python llmd4rec.py --data Beauty.txt --out runs/beauty
+    python llmd4rec.py --report runs/beauty_s0 runs/beauty_s1  # mean ± sd, each gain with a 95% interval
     python llmd4rec.py --help
 """
 import argparse
@@ -33,8 +34,6 @@ import inspect
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import tempfile
 import time
@@ -62,15 +61,12 @@ class Config:
                     "'synthetic', or beauty | sports | toys | yelp (downloaded once, sha256-checked)")
     out: str = arg("runs/default", "folder for results.json, ranks.npz, models.pt, config.json and checkpoint.pt")
     overwrite: bool = arg(False, "allow replacing the results of an earlier run in --out")
-    resume: str = arg("", "folder of an interrupted run: continue it from its last finished stage, with the flags "
-                          "it was started with")
-    baselines: str = arg("", "start the rounds from the baselines.pt of an earlier run with the same data and "
-                             "model flags, skipping round 0 (for ablations)")
+    resume: str = arg("", "folder of an interrupted run: continue it from its last finished stage, with its flags")
+    baselines: str = arg("", "start the rounds from an earlier run's baselines.pt (same data and model flags)")
     seed: int = arg(0, "seed for data generation, initialisation, shuffling and dropout")
     device: str = arg("auto", "auto | cpu | cuda (auto picks CUDA when present)")
     max_len: int = arg(50, "history length: only the last max_len items of a history are used")
-    exclude_seen: bool = arg(False, "select (early stopping, best round) with the user's history excluded from the "
-                                    "ranking instead of kept; both protocols are always reported")
+    exclude_seen: bool = arg(False, "select (early stopping, rounds) with the history excluded; both are reported")
     batch_size: int = arg(128, "training sequences per batch")
     patience: int = arg(3, "early stopping: epochs without a better validation NDCG@10")
     # CRM: SASRec
@@ -109,11 +105,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+        kind = dict(action="store_true") if f.type in (bool, "bool") else dict(type=type(f.default), default=f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **kind)
     p.add_argument("--evaluate", metavar="OUT", default="",
                    help="reload the four models a finished run in OUT reports and print their test table")
     p.add_argument("--report", metavar="RUN", nargs="+", default=[],
@@ -128,41 +121,27 @@ class UserError(Exception):
 
 
 def check_config(cfg):
-    problems = [
-        (cfg.max_len < 2, "--max-len must be >= 2"),
-        (cfg.batch_size < 1, "--batch-size must be >= 1"),
-        (cfg.patience < 1, "--patience must be >= 1"),
-        (cfg.d < 1 or cfg.crm_blocks < 1 or cfg.crm_heads < 1, "--d, --crm-blocks and --crm-heads must be >= 1"),
+    at_least = dict(max_len=2, batch_size=1, patience=1, d=1, crm_blocks=1, crm_heads=1, crm_epochs=1, llm_layers=1,
+                    llm_heads=1, lora_r=1, llm_epochs=0, rounds=0, num_candidates=0, lambda1=0, lambda2=0, llm_lr=0)
+    problems = [(getattr(cfg, k) < v, f"--{k.replace('_', '-')} must be >= {v}") for k, v in at_least.items()] + [
+        (min(cfg.crm_lr, cfg.T1, cfg.T2) <= 0, "--crm-lr, --T1 and --T2 must be > 0"),
         (cfg.d % max(cfg.crm_heads, 1) != 0, "--d must be divisible by --crm-heads"),
-        (cfg.llm_layers < 1 or cfg.llm_heads < 1 or cfg.lora_r < 1, "--llm-layers, --llm-heads and --lora-r must be >= 1"),
-        (cfg.llm_heads > 0 and cfg.llm_dim % cfg.llm_heads != 0, "--llm-dim must be divisible by --llm-heads"),
-        (not 0 <= cfg.crm_dropout < 1 or not 0 <= cfg.llm_dropout < 1 or not 0 <= cfg.lora_dropout < 1,
-         "dropouts must be in [0, 1)"),
-        (cfg.crm_lr <= 0 or cfg.llm_lr < 0, "--crm-lr must be > 0 and --llm-lr >= 0"),
-        (cfg.crm_epochs < 1, "--crm-epochs must be >= 1"),
-        (cfg.llm_epochs < 0, "--llm-epochs must be >= 0"),
-        (cfg.rounds < 0, "--rounds must be >= 0"),
+        (cfg.llm_dim % max(cfg.llm_heads, 1) != 0, "--llm-dim must be divisible by --llm-heads"),
+        (not all(0 <= p < 1 for p in (cfg.crm_dropout, cfg.llm_dropout, cfg.lora_dropout)), "dropouts: in [0, 1)"),
         (cfg.rounds > 0 and cfg.llm_epochs == 0, "--rounds > 0 needs an LLM stage (--llm-epochs >= 1)"),
-        (cfg.T1 <= 0 or cfg.T2 <= 0, "--T1 and --T2 must be > 0"),
-        (cfg.lambda1 < 0 or cfg.lambda2 < 0, "--lambda1 and --lambda2 must be >= 0"),
-        (cfg.num_candidates < 0, "--num-candidates must be >= 0"),
         (cfg.direction not in ("both", "up", "down"), "--direction must be both, up or down"),
         (cfg.device not in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
-        (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda: CUDA is not available on this machine"),
+        (cfg.device == "cuda" and not torch.cuda.is_available(), "--device cuda: CUDA is not available here"),
         (cfg.resume != "" and cfg.overwrite, "--resume and --overwrite exclude each other"),
-        (cfg.resume != "" and cfg.baselines != "", "--resume and --baselines exclude each other"),
-    ]
+        (cfg.resume != "" and cfg.baselines != "", "--resume and --baselines exclude each other")]
     for bad, msg in problems:
         if bad:
             raise UserError(msg)
 
 
 def fewer_page_faults():
-    """Speed only (CPU, Linux): keep freed memory in glibc's heap instead of returning it to the system.
-
-    A (targets x items) logit tensor is tens of MB; by default glibc maps each one fresh and the page faults
-    cost as much as the arithmetic (measured: a full-softmax CE step over 12k items runs about 2x faster).
-    """
+    """Speed only (CPU, Linux): glibc maps each (targets x items) logit tensor fresh, and the page faults cost as
+    much as the arithmetic; keeping freed memory in the heap makes a full-softmax step over 12k items ~2x faster."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks below 1 GiB from the heap
@@ -171,9 +150,7 @@ def fewer_page_faults():
         pass  # not glibc: nothing to tune
 
 
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
+def set_seed(seed):  # every random draw here comes from torch's global generator or a seeded generator
     torch.manual_seed(seed)
 
 
@@ -189,16 +166,13 @@ def read_sequences(path):
     with open(path, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             toks = line.split()
-            if not toks:
-                continue
-            ids = []
             for tok in toks:
                 if not tok.lstrip("-").isdigit():
                     raise UserError(f"{path}:{lineno}: expected integer ids, got {tok!r}")
                 if int(tok) <= 0:
                     raise UserError(f"{path}:{lineno}: expected positive ids (0 is padding), got {tok}")
-                ids.append(int(tok))
-            rows.append((lineno, ids))
+            if toks:
+                rows.append((lineno, [int(tok) for tok in toks]))
     if not rows:
         raise UserError(f"{path}: empty file (expected 'user_id item_id item_id ...' lines)")
     users = [ids[0] for _, ids in rows]
@@ -228,18 +202,11 @@ def synthetic_sequences(seed, n_users=600, n_items=120, n_clusters=6):
     seqs = {}
     for u in range(1, n_users + 1):
         c = int(rng.integers(n_clusters))
-        item = c * size + 1 + int(rng.integers(size))
-        seq = [item]
+        seq = [c * size + 1 + int(rng.integers(size))]
         for _ in range(int(rng.integers(5, 20))):
             r = rng.random()
-            if r < 0.1:  # drift to the neighbouring cluster
-                c = (c + 1) % n_clusters
-                item = c * size + 1 + int(rng.integers(size))
-            elif r < 0.75:
-                item = int(successor[item])
-            else:
-                item = c * size + 1 + int(rng.integers(size))
-            seq.append(item)
+            c = (c + 1) % n_clusters if r < 0.1 else c  # drift to the neighbouring cluster
+            seq.append(int(successor[seq[-1]]) if 0.1 <= r < 0.75 else c * size + 1 + int(rng.integers(size)))
         seqs[u] = seq
     return seqs
 
@@ -249,9 +216,8 @@ def left_pad(rows, L=None):
     L = L or max(map(len, rows))
     out = torch.zeros(len(rows), L, dtype=torch.long)
     for i, r in enumerate(rows):
-        r = r[-L:]
         if r:
-            out[i, L - len(r):] = torch.tensor(r)
+            out[i, -len(r[-L:]):] = torch.tensor(r[-L:])
     return out
 
 
@@ -269,18 +235,10 @@ class Data:
     test_x: torch.Tensor   # (U, H) whole histories (including the validation item) for the test targets
     test_y: torch.Tensor   # (U,)
 
-    def summary(self):
-        return {"name": self.name, "users": self.num_users, "items": self.num_items,
-                "interactions": self.num_interactions, "train_targets": int((self.train_y > 0).sum()),
-                "eval_users": len(self.test_y)}
-
 
 def split(seqs, max_len, name):
-    """Remap ids to 1..N and split leave-one-out: last item = test, second-to-last = validation.
-
-    Users with fewer than 3 items only train. Every training position predicts its next item; a training
-    sequence longer than max_len is cut into windows of max_len inputs, so each position is used once.
-    """
+    """Remap ids to 1..N and split leave-one-out: last item = test, second-to-last = validation; users with fewer than
+    3 items only train. Every training position predicts its next item, in windows of at most max_len inputs."""
     raw_ids = sorted({it for s in seqs.values() for it in s})
     item_ids = {it: i + 1 for i, it in enumerate(raw_ids)}
     train_x, train_y, valid_x, valid_y, test_x, test_y = [], [], [], [], [], []
@@ -304,8 +262,7 @@ def split(seqs, max_len, name):
                 torch.tensor(valid_y), left_pad(test_x), torch.tensor(test_y))
 
 
-# The paper's preprocessed files, as published in the data/ folder of salesforce/ICLRec (also used by S3Rec
-# and E4SRec); the sha256 pins the exact content.
+# The paper's preprocessed files in the data/ folder of salesforce/ICLRec (as S3Rec and E4SRec use), sha256-pinned.
 DATA_URL = "https://raw.githubusercontent.com/salesforce/ICLRec/master/data/"
 DATASETS = {
     "beauty": ("Beauty.txt", "226cce9c3105299ca0db9615d7d3fb32b3175e90da43100ae352599f0f0107b8"),
@@ -316,36 +273,27 @@ DATASETS = {
 
 
 def sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def fetch_dataset(name):
     """Path of a named dataset in the cache ($LLMD4REC_CACHE or ~/.cache/llmd4rec), downloaded once and verified."""
     file, digest = DATASETS[name]
     cache = os.environ.get("LLMD4REC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llmd4rec")
-    path = os.path.join(cache, file)
+    path, url = os.path.join(cache, file), DATA_URL + file
     if not os.path.isfile(path):
-        url = DATA_URL + file
         os.makedirs(cache, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as fh, urllib.request.urlopen(url, timeout=30) as response:
-                shutil.copyfileobj(response, fh)
-            got = sha256(tmp)
-            if got != digest:
-                raise UserError(f"--data {name}: {url} has sha256 {got}, expected {digest}; nothing was cached")
-            os.replace(tmp, path)
-            return path
+            with urllib.request.urlopen(url, timeout=30) as response:
+                body = response.read()
         except OSError as e:
             raise UserError(f"--data {name}: cannot download {url} ({e}); put {file} at {path}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    if sha256(path) != digest:
+        if hashlib.sha256(body).hexdigest() != digest:
+            raise UserError(f"--data {name}: {url} has sha256 {hashlib.sha256(body).hexdigest()}, expected {digest}; "
+                            "nothing was cached")
+        save_atomic(body, path)
+    elif sha256(path) != digest:
         raise UserError(f"--data {name}: {path} does not match its pinned sha256 {digest}; delete it to download again")
     return path
 
@@ -392,11 +340,9 @@ class SASRec(nn.Module):
         self.drop = nn.Dropout(cfg.crm_dropout)
         self.blocks = nn.ModuleList(Block(cfg.d, cfg.crm_heads, cfg.crm_dropout) for _ in range(cfg.crm_blocks))
         self.ln = nn.LayerNorm(cfg.d)
-        for name, p in self.named_parameters():  # small init: N(0, 1) embeddings train badly here
-            if p.dim() == 2:
-                nn.init.normal_(p, std=0.02)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        for p in [p for p in self.parameters() if p.dim() == 2]:  # small init: N(0, 1) embeddings train badly here
+            nn.init.normal_(p, std=0.02)
+        self.item_emb.weight.data[0] = 0
 
     def hidden(self, seq):  # seq (B, L) left-padded item ids -> (B, L, d)
         B, L = seq.shape
@@ -411,9 +357,7 @@ class SASRec(nn.Module):
         return self.ln(x)
 
     def score(self, h, cand=None):  # h (M, d); cand None -> (M, N) over items 1..N, else (M, C)
-        if cand is None:
-            return h @ self.item_emb.weight[1:].T
-        return torch.einsum("md,mcd->mc", h, self.item_emb(cand))
+        return h @ self.item_emb.weight[1:].T if cand is None else torch.einsum("md,mcd->mc", h, self.item_emb(cand))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -445,67 +389,44 @@ def add_lora(model, targets, r, alpha, dropout):
     return len(hits)
 
 
-def word_tokenizer(text):
-    """The tiny backbone's tokenizer: the prompt's own words, so no vocabulary is downloaded."""
-    vocab = {w: i for i, w in enumerate(sorted(set(text.split())))}
-    return [vocab[w] for w in text.split()], len(vocab)
-
-
 def load_backbone(cfg):
     """(backbone without token head, prompt token ids). 'tiny' is built from a config; anything else loaded."""
     from transformers import AutoModel, AutoTokenizer, Qwen2Config
-
     if cfg.llm == "tiny":  # NOTE: deviation: random init, trained fully (the paper: pretrained Qwen1.5-0.5B + LoRA)
-        ids, vocab = word_tokenizer(INSTRUCTION)
-        conf = Qwen2Config(vocab_size=vocab, hidden_size=cfg.llm_dim, intermediate_size=4 * cfg.llm_dim,
+        vocab = {w: i for i, w in enumerate(sorted(set(INSTRUCTION.split())))}  # the prompt's own words: no download
+        ids = [vocab[w] for w in INSTRUCTION.split()]
+        conf = Qwen2Config(vocab_size=len(vocab), hidden_size=cfg.llm_dim, intermediate_size=4 * cfg.llm_dim,
                            num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads,
                            num_key_value_heads=cfg.llm_heads, max_position_embeddings=cfg.max_len + len(ids),
                            attention_dropout=cfg.llm_dropout, initializer_range=0.02)
         return AutoModel.from_config(conf, attn_implementation="sdpa"), ids
-    def load(local_files_only):
-        return (AutoTokenizer.from_pretrained(cfg.llm, local_files_only=local_files_only),
-                AutoModel.from_pretrained(cfg.llm, local_files_only=local_files_only, attn_implementation="sdpa",
-                                          dtype=torch.float32))  # bf16 compute comes from autocast on CUDA
-
     local = os.path.isdir(cfg.llm)
-    try:  # the local cache first, so that an offline machine answers at once
-        tok, model = load(local_files_only=True)
-    except Exception as e:
-        where = "a local folder" if local else "not a local folder, not in the local cache, and the hub is unreachable"
-        if local or not hub_reachable():
-            raise UserError(f"--llm {cfg.llm}: cannot load ({where}): {str(e).splitlines()[0][:200]}") from None
-        try:
-            tok, model = load(local_files_only=False)
+    for offline in (True, False):  # the local cache first, so that an offline machine answers at once
+        try:  # fp32 weights; bf16 compute comes from autocast on CUDA
+            tok = AutoTokenizer.from_pretrained(cfg.llm, local_files_only=offline)
+            model = AutoModel.from_pretrained(cfg.llm, local_files_only=offline, attn_implementation="sdpa",
+                                              dtype=torch.float32)
+            break
         except Exception as e:
-            raise UserError(f"--llm {cfg.llm}: cannot load from the hub: {str(e).splitlines()[0][:200]}") from None
+            where = ("a local folder" if local else "not a local folder, not in the local cache, and the hub is "
+                     "unreachable") if offline else "from the hub"
+            if not offline or local or not hub_reachable():
+                raise UserError(f"--llm {cfg.llm}: cannot load ({where}): {str(e).splitlines()[0][:200]}") from None
     n = add_lora(model, set(cfg.lora_targets.split(",")), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     if n == 0:
         raise UserError(f"--lora-targets {cfg.lora_targets}: no such nn.Linear modules in {cfg.llm}")
     return model, tok(INSTRUCTION).input_ids
 
 
-def check_cache_argument(model, cfg):
-    """LLMScorer.hidden passes the instruction's keys and values as `cache`. Older transformers (5.17, for one) call
-    it past_key_values and ignore `cache` without a word, which would silently drop the instruction."""
-    import transformers
-
-    if "cache" not in inspect.signature(model.forward).parameters:
-        raise UserError(f"--llm {cfg.llm}: {type(model).__name__}.forward takes no 'cache' argument under transformers "
-                        f"{transformers.__version__}; install the version in requirements.txt")
-
-
 def hub_reachable(timeout=3.0):
+    """Whether the hub answers at once (from_pretrained retries for about a minute before it fails offline)."""
     import socket
     from urllib.parse import urlparse
-
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(constants.ENDPOINT).hostname
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
+        return not constants.HF_HUB_OFFLINE
     except OSError:
         return False
 
@@ -515,8 +436,7 @@ class LLMScorer(nn.Module):
 
     def __init__(self, backbone, prompt_ids, E_c, num_items, dropout):
         super().__init__()
-        self.backbone = backbone
-        D = backbone.config.hidden_size
+        self.backbone, D = backbone, backbone.config.hidden_size
         self.register_buffer("prompt_ids", torch.tensor(prompt_ids, dtype=torch.long))
         self.register_buffer("E_c", E_c.detach().clone())  # (N+1, d) frozen; refreshed by the ID update
         self.W_in = nn.Linear(E_c.shape[1], D)
@@ -529,7 +449,6 @@ class LLMScorer(nn.Module):
     # forward; the response prompt is dropped (it cannot follow every prefix in one causal pass).
     def hidden(self, seq):  # seq (B, L) left-padded item ids -> (B, L, D)
         from transformers import DynamicCache
-
         B, L = seq.shape
         P = len(self.prompt_ids)
         valid = (seq > 0).long()
@@ -537,9 +456,9 @@ class LLMScorer(nn.Module):
         att = torch.cat([torch.ones(B, P, dtype=torch.long, device=seq.device), valid], 1)  # padding sits between
         pos = P + (valid.cumsum(1) - 1).clamp(min=0)  # positions as if the padding were not there
         with torch.autocast("cuda", torch.bfloat16, enabled=seq.is_cuda and torch.cuda.is_bf16_supported()):
-            # The instruction is the same for every user and comes first, so its keys and values are computed once
-            # and shared by the batch: the same outputs in evaluation; in training the dropout on the instruction's
-            # own attention is then shared by the batch too.
+            # NOTE: deviation: the instruction is the same for every user and comes first, so its keys and values are
+            # computed once and shared by the batch: the same outputs in evaluation, while in training the dropout on
+            # the instruction's tokens (tiny: attention; pretrained: LoRA's) is shared by the batch.
             cache = DynamicCache(config=self.backbone.config)
             self.backbone(input_ids=self.prompt_ids[None], cache=cache, use_cache=True)
             cache.batch_repeat_interleave(B)
@@ -547,15 +466,18 @@ class LLMScorer(nn.Module):
                               cache=cache, use_cache=True).last_hidden_state
         return h.float()  # the state at item t predicts item t+1
 
-    def score(self, h, cand=None):  # h (M, D)
-        if cand is None:
-            return self.W_out(h)  # (M, N)
-        return torch.einsum("md,mcd->mc", h, self.W_out.weight[cand - 1])  # (M, C)
+    def score(self, h, cand=None):  # h (M, D) -> (M, N), or (M, C) over candidates
+        return self.W_out(h) if cand is None else torch.einsum("md,mcd->mc", h, self.W_out.weight[cand - 1])
 
 
 def build_llm(cfg, crm, num_items):
+    import transformers
     backbone, prompt_ids = load_backbone(cfg)
-    check_cache_argument(backbone, cfg)
+    # LLMScorer.hidden passes the instruction's keys and values as `cache`; older transformers (5.17, for one) call it
+    # past_key_values and ignore `cache` without a word, which would silently drop the instruction
+    if "cache" not in inspect.signature(backbone.forward).parameters:
+        raise UserError(f"--llm {cfg.llm}: {type(backbone).__name__}.forward takes no 'cache' argument under "
+                        f"transformers {transformers.__version__}; install the version in requirements.txt")
     return LLMScorer(backbone, prompt_ids, crm.item_emb.weight, num_items, cfg.llm_dropout)
 
 
@@ -637,8 +559,7 @@ class _DistillCE(torch.autograd.Function):
 
 
 def distill_ce(student_logits, teacher_logits, target, c, T, t_negent=None):
-    """CE(student, target) + c * kd_loss(student, teacher, T) per sample (M,), fused; and the teacher's
-    sum_j p_j log p_j at temperature T (M,), computed unless given as t_negent."""
+    """CE(student, target) + c * kd_loss(student, teacher, T), fused (M,); and the teacher's sum p log p (M,)."""
     return _DistillCE.apply(student_logits, teacher_logits.detach(), target, c, T, t_negent)
 
 
@@ -647,6 +568,7 @@ def distill_ce(student_logits, teacher_logits, target, c, T, t_negent=None):
 
 
 KS = (5, 10, 20)
+PROTOCOLS = ("kept", "excluded")  # the user's history kept in the ranking, or excluded from it
 
 
 def first_item_column(x):
@@ -654,15 +576,10 @@ def first_item_column(x):
     return int((x > 0).any(0).long().argmax())
 
 
-PROTOCOLS = ("kept", "excluded")  # the user's history kept in the ranking, or excluded from it
-
-
 @torch.no_grad()
 def evaluate(model, x, y, max_len, batch=1024):
-    """Rank of each target among all N items (0 = top), the history kept and excluded: {protocol: (U,) int32}.
-
-    Excluded: every item of the user's whole history x is removed from the ranking, except the target itself.
-    """
+    """Rank of each target among all N items (0 = top): {protocol: (U,) int32}. 'kept' ranks the whole catalogue;
+    'excluded' removes every item of the user's whole history x from the ranking, except the target itself."""
     model.eval()
     dev = next(model.parameters()).device
     order = (x[:, -max_len:] > 0).sum(1).argsort(stable=True)  # short histories together: little padding
@@ -670,10 +587,8 @@ def evaluate(model, x, y, max_len, batch=1024):
     for i in range(0, len(y), batch):
         idx = order[i:i + batch]
         hist, tgt = x[idx], y[idx].to(dev)
-        hist = hist[:, first_item_column(hist):].to(dev)  # (B, H)
-        seq = hist[:, -max_len:]
-        seq = seq[:, first_item_column(seq):]
-        scores = model.score(model.hidden(seq)[:, -1])  # (B, N)
+        hist = hist[:, first_item_column(hist):].to(dev)  # (B, H); its last max_len columns hold an item in some row
+        scores = model.score(model.hidden(hist[:, -max_len:])[:, -1])  # (B, N)
         out["kept"][idx] = ranks(scores, tgt - 1).cpu()
         seen = torch.zeros(len(tgt), scores.shape[1] + 1, dtype=torch.bool, device=dev).scatter_(1, hist, True)
         seen[:, 1:].scatter_(1, (tgt - 1)[:, None], False)
@@ -691,8 +606,8 @@ def metrics(r):
 
 def evaluate_splits(model, data, cfg):
     """({split: {protocol: metrics}}, the test ranks {protocol: (U,)})."""
-    valid, test = (evaluate(model, x, y, cfg.max_len) for x, y in ((data.valid_x, data.valid_y),
-                                                                    (data.test_x, data.test_y)))
+    valid, test = evaluate(model, data.valid_x, data.valid_y, cfg.max_len), evaluate(model, data.test_x, data.test_y,
+                                                                                     cfg.max_len)
     return {"valid": {p: metrics(valid[p]) for p in PROTOCOLS}, "test": {p: metrics(test[p]) for p in PROTOCOLS}}, test
 
 
@@ -706,12 +621,11 @@ def selection(cfg):
 
 @dataclass
 class Teacher:
-    """A stage's frozen teacher: the CRM in L_LLM = CE + lambda1 * w1 * L_down, the LLM in L_CRM = CE + lambda2 * w2 * L_up.
-
-    It runs in eval mode (no dropout), so what it gives a training target is fixed for the stage: its hidden state,
-    computed when the stage starts, and its rank of the true item and sum_j p_j log p_j, kept from the first epoch,
-    which computes them anyway. Its logits are recomputed: keeping them would take (targets x items) floats.
-    """
+    """A stage's frozen teacher: SASRec in L_LLM = CE + lambda1 * w1 * L_down, the LLM in L_CRM = CE + lambda2 * w2 *
+    L_up.
+    In eval mode (no dropout), what it gives a target is fixed: its hidden state, computed when the stage starts, and
+    its rank of the true item and sum p log p, kept from the first epoch, which computes them anyway. Its logits are
+    recomputed: keeping them would take (targets x items) floats."""
     model: nn.Module
     T: float
     lam: float
@@ -741,9 +655,8 @@ CHUNK = 2048  # training targets whose (targets x items) logits are held at once
 
 
 def objective(student, h, tidx, cand, teacher, rows):
-    """The student's loss summed over the rows of h (M, D): CE, plus lam * w * T^2 * KL from the teacher if there is
-    one (its rows: the teacher's entries for these targets); and how many rows the teacher ranks the true item
-    better than the student."""
+    """The student's loss summed over the rows of h (M, D): CE, plus lam * w * T^2 * KL from the teacher (its entries
+    `rows` belong to these targets); and how many rows the teacher ranks the true item better than the student."""
     logits = student.score(h, cand)  # (M, N) or (M, 1+K)
     if teacher is None:
         return F.cross_entropy(logits.float(), tidx, reduction="sum"), 0
@@ -761,11 +674,8 @@ def objective(student, h, tidx, cand, teacher, rows):
 
 
 def backward(student, h, tidx, cand, teacher, rows):
-    """Back-propagate the objective averaged over the rows of h (M, D); return its sum and the teacher-better count.
-
-    The (M x items) logits are built and back-propagated CHUNK rows at a time: the same gradient, with memory
-    bounded by the chunk instead of by the longest batch.
-    """
+    """Back-propagate the objective averaged over the rows of h (M, D), CHUNK rows at a time (the same gradient, with
+    the (M x items) logits' memory bounded by the chunk); return its sum and the teacher-better count."""
     h_chunks = h.detach().requires_grad_()
     total, better = 0.0, 0
     for i in range(0, len(h), CHUNK):
@@ -779,8 +689,7 @@ def backward(student, h, tidx, cand, teacher, rows):
 
 
 def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, tag, gen):
-    """Train `student` (with a Teacher, or CE alone) for at most `epochs`; keep the weights with the best validation
-    NDCG@10."""
+    """Train `student` (with a Teacher, or CE alone) for at most `epochs`; keep the best weights on validation."""
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     flat = torch.cumsum((data.train_y > 0).flatten(), 0).view_as(data.train_y) - 1  # (W, L) a target's teacher row
     validate = lambda: metrics(evaluate(student, data.valid_x, data.valid_y, cfg.max_len)[selection(cfg)])
@@ -798,22 +707,21 @@ def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, tag, gen):
             x, y = x[:, first:].to(dev), y[:, first:].to(dev)
             m = y > 0
             target = y[m]  # (M,)
-            cand = None
+            cand, tidx = None, target - 1  # tidx: the target's column in the logits
             # NOTE: deviation (extension): sampled candidates replace the full softmax in training only
             if cfg.num_candidates > 0:  # target first, then K negatives drawn uniformly from the other items
                 neg = torch.randint(1, data.num_items, (len(target), cfg.num_candidates), generator=gen).to(dev)
                 cand = torch.cat([target[:, None], neg + (neg >= target[:, None]).long()], 1)  # (M, 1+K)
-            tidx = torch.zeros_like(target) if cand is not None else target - 1
+                tidx = torch.zeros_like(target)
             rows = flat[idx][:, first:].to(dev)[m] if teacher is not None else None
             opt.zero_grad(set_to_none=True)
             loss, n_better = backward(student, student.hidden(x)[m], tidx, cand, teacher, rows)
             opt.step()
             tot, n, better = tot + loss, n + len(target), better + n_better
-        if teacher is not None:
-            teacher.known = cfg.num_candidates == 0  # every target was visited once
         valid = validate()
         line = {"epoch": epoch, "loss": tot.item() / n, "valid": valid, "seconds": time.time() - t0}
         if teacher is not None:
+            teacher.known = cfg.num_candidates == 0  # every target was visited once
             line["teacher_better"] = better.item() / n  # share of samples with r_teacher < r_student
         log.append(line)
         print(f"round {tag[0]} | {tag[1]:6s} | epoch {epoch:3d} | loss {line['loss']:.4f} | valid HR@10 "
@@ -835,41 +743,25 @@ def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, tag, gen):
 
 def stages(cfg):
     """Round 0: the SASRec and E4SRec baselines. Rounds 1..R: LLM (CE + L_down), then CRM (CE + L_up)."""
-    out = [(0, "SASRec")] + ([(0, "E4SRec")] if cfg.llm_epochs > 0 else [])
-    for r in range(1, cfg.rounds + 1):
-        out += [(r, "LLM"), (r, "CRM")]
-    return out
-
-
-def pick_device(cfg):
-    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    return ([(0, "SASRec")] + [(0, "E4SRec")] * (cfg.llm_epochs > 0)
+            + [(r, name) for r in range(1, cfg.rounds + 1) for name in ("LLM", "CRM")])
 
 
 def save_atomic(obj, path):
     """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    os.close(fd)
     try:
-        if path.endswith(".json"):
-            with open(tmp, "w") as fh:
-                json.dump(obj, fh, indent=2)
-        elif path.endswith(".npz"):
-            with open(tmp, "wb") as fh:
+        with os.fdopen(fd, "wb") as fh:
+            if path.endswith(".npz"):
                 np.savez_compressed(fh, **obj)
-        else:
-            torch.save(obj, tmp)
+            elif path.endswith(".pt"):
+                torch.save(obj, fh)
+            else:  # bytes, or JSON
+                fh.write(obj if isinstance(obj, bytes) else json.dumps(obj, indent=2).encode())
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-RUN_FLAGS = ("out", "resume", "overwrite", "baselines")  # where and how, not what is trained
-ROUND_FLAGS = ("rounds", "T1", "T2", "lambda1", "lambda2", "direction", "no_weight", "no_id_update")
-
-
-def flags(config, leave_out=()):
-    return {k: v for k, v in config.items() if k not in leave_out}
+    except BaseException:
+        os.remove(tmp)
+        raise
 
 
 def read_state(path, flag):
@@ -882,19 +774,8 @@ def read_state(path, flag):
         raise UserError(f"{flag}: {path} cannot be read ({type(e).__name__}); it was not written by a finished stage")
 
 
-def load_state(path, flag, cfg, leave_out):
-    """A checkpoint written by a run with the same flags (but those left out)."""
-    state = read_state(path, flag)
-    then, now = flags(state["config"], leave_out), flags(dataclasses.asdict(cfg), leave_out)
-    if then != now:
-        diff = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})" for k in now if then.get(k) != now[k])
-        raise UserError(f"{flag}: the flags differ from those of the run that wrote {path}: {diff}")
-    return state
-
-
 def resume(cfg):
-    """--resume OUT: the interrupted run's own flags (writing to OUT) and its last checkpoint. Flags given along
-    with --resume must agree with them."""
+    """--resume OUT: the interrupted run's flags (flags given with it must agree) and its last checkpoint."""
     state = read_state(os.path.join(cfg.resume, "checkpoint.pt"), "--resume " + cfg.resume)
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     if set(state["config"]) != set(defaults) - {"resume", "overwrite"}:
@@ -915,9 +796,16 @@ def prepare_out(cfg):
     if taken and not cfg.overwrite:
         raise UserError(f"--out {cfg.out} already holds {', '.join(taken)}; pass --overwrite, --resume {cfg.out} "
                         "or another --out")
-    if cfg.baselines:
-        return load_state(cfg.baselines, "--baselines", cfg, RUN_FLAGS + ROUND_FLAGS)
-    return None
+    if not cfg.baselines:
+        return None
+    state = read_state(cfg.baselines, "--baselines")  # round 0 needs the same data and model flags
+    leave_out = ("out", "resume", "overwrite", "baselines", "rounds", "T1", "T2", "lambda1", "lambda2", "direction",
+                 "no_weight", "no_id_update")
+    then, now = ({k: v for k, v in c.items() if k not in leave_out} for c in (state["config"], dataclasses.asdict(cfg)))
+    if then != now:
+        diff = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {v})" for k, v in now.items() if then.get(k) != v)
+        raise UserError(f"--baselines: the flags differ from those of the run that wrote {cfg.baselines}: {diff}")
+    return state
 
 
 def trained_state(model):
@@ -935,8 +823,7 @@ MODELS = ("SASRec", "LLMD4Rec_C", "E4SRec", "LLMD4Rec_L")
 
 
 def run(cfg, stop_after=None):
-    """Train the baselines and the R rounds; write results.json, ranks.npz and models.pt to OUT.
-    stop_after (tests) simulates a kill after that many stages."""
+    """Train the baselines and R rounds, write OUT/results.json, ranks.npz, models.pt; stop_after (tests): a kill."""
     check_config(cfg)
     state = None
     if cfg.resume:
@@ -947,15 +834,20 @@ def run(cfg, stop_after=None):
         raise UserError(f"--num-candidates must be < the number of items ({data.num_items})")
     if state is None:
         state = prepare_out(cfg)
-    dev = pick_device(cfg)
+    dev = torch.device("cuda" if cfg.device == "cuda" or cfg.device == "auto" and torch.cuda.is_available() else "cpu")
     fewer_page_faults()
     set_seed(cfg.seed)
     crm = SASRec(data.num_items, cfg).to(dev)
     llm = build_llm(cfg, crm, data.num_items).to(dev) if cfg.llm_epochs > 0 else None
     set_seed(cfg.seed + 1)  # training draws the same dropout whether or not an LLM was built (--llm-epochs 0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    cfg_dict = flags(dataclasses.asdict(cfg), ("resume", "overwrite"))
-    res = {"dataset": data.summary(), "protocol": protocol(cfg), "models": {}, "rounds": [], "timing": {}}
+    cfg_dict = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite")}
+    res = {"dataset": {"name": data.name, "users": data.num_users, "items": data.num_items,
+                       "interactions": data.num_interactions, "train_targets": int((data.train_y > 0).sum()),
+                       "eval_users": len(data.test_y)},
+           "protocol": f"leave-one-out, full ranking over all items, rank = other items scoring >= target, the user's "
+                       f"history kept and excluded (selection: {selection(cfg)}), max_len {cfg.max_len}",
+           "models": {}, "rounds": [], "timing": {}}
     done, reported, test_ranks = 0, {}, {}  # the reported models' weights and per-user test ranks
     if state is not None:
         crm.load_state_dict(state["crm"])
@@ -974,20 +866,16 @@ def run(cfg, stop_after=None):
         if i < done:
             continue
         t0 = time.time()
-        if name in ("SASRec", "CRM"):
-            up = rnd > 0 and cfg.direction in ("both", "up")  # L_up, weighted by w2
-            teacher = make_teacher(llm, data, cfg.T2, cfg.lambda2, not cfg.no_weight) if up else None
-            log = train_stage(crm, teacher, data, cfg, dev, lr=cfg.crm_lr, epochs=cfg.crm_epochs, tag=(rnd, name),
-                              gen=gen)
-            model = crm
-        else:
-            if rnd == 0:  # the E4SRec baseline reads the SASRec baseline's embeddings
-                llm.E_c.copy_(crm.item_emb.weight.detach())
-            down = rnd > 0 and cfg.direction in ("both", "down")  # L_down, weighted by w1
-            teacher = make_teacher(crm, data, cfg.T1, cfg.lambda1, not cfg.no_weight) if down else None
-            log = train_stage(llm, teacher, data, cfg, dev, lr=cfg.llm_lr, epochs=cfg.llm_epochs, tag=(rnd, name),
-                              gen=gen)
-            model = llm
+        model, lr, epochs = (crm, cfg.crm_lr, cfg.crm_epochs) if name in ("SASRec", "CRM") else (llm, cfg.llm_lr,
+                                                                                                 cfg.llm_epochs)
+        if name == "E4SRec":  # the E4SRec baseline reads the SASRec baseline's embeddings
+            llm.E_c.copy_(crm.item_emb.weight.detach())
+        teacher = None
+        if name == "LLM" and cfg.direction != "up":  # L_LLM = CE + lambda1 * w1 * L_down, SASRec teaching
+            teacher = make_teacher(crm, data, cfg.T1, cfg.lambda1, not cfg.no_weight)
+        if name == "CRM" and cfg.direction != "down":  # L_CRM = CE + lambda2 * w2 * L_up, the LLM teaching
+            teacher = make_teacher(llm, data, cfg.T2, cfg.lambda2, not cfg.no_weight)
+        log = train_stage(model, teacher, data, cfg, dev, lr=lr, epochs=epochs, tag=(rnd, name), gen=gen)
         scores, ranks_now = evaluate_splits(model, data, cfg)
         seconds = time.time() - t0
         res["rounds"].append({"round": rnd, "stage": name, **scores, "seconds": seconds, "epochs": log})
@@ -1031,11 +919,6 @@ def select_best(res, protocol):
             res["models"][key] = {"round": best["round"], "valid": best["valid"], "test": best["test"]}
 
 
-def protocol(cfg):
-    return (f"leave-one-out, full ranking over all items, rank = other items scoring >= target, the user's history "
-            f"kept and excluded (selection: {selection(cfg)}), max_len {cfg.max_len}")
-
-
 def print_table(res):
     names = [n for n in MODELS if n in res["models"]]
     keys = [f"HR@{k}" for k in KS] + [f"NDCG@{k}" for k in KS]
@@ -1061,52 +944,37 @@ def evaluate_run(out):
     """--evaluate OUT: the reported models reloaded from OUT/models.pt and evaluated on the test split again."""
     cfg, _, models = load_models(out)
     data = load_data(cfg)
-    res = {"models": {}}
-    for name, model in models.items():
-        r = evaluate(model, data.test_x, data.test_y, cfg.max_len)
-        res["models"][name] = {"test": {p: metrics(r[p]) for p in PROTOCOLS}}
-    print(f"{out}/models.pt, test split of {data.name}:")
+    ranks_of = {name: evaluate(model, data.test_x, data.test_y, cfg.max_len) for name, model in models.items()}
+    res = {"models": {name: {"test": {p: metrics(r[p]) for p in PROTOCOLS}} for name, r in ranks_of.items()}}
     print_table(res)
     return res
-
-
-def per_user(r, k):
-    """HR@k and NDCG@k of each user from the test ranks. (U,) each"""
-    hit = r < k
-    return {f"HR@{k}": hit.astype(float), f"NDCG@{k}": np.where(hit, 1 / np.log2(r + 2.0), 0.0)}
 
 
 def report(runs, resamples=1000):
     """--report RUN [RUN ...]: mean ± sd over the runs (seeds) of the four models, both protocols; each run's gain of
     LLMD4Rec_C over SASRec and of LLMD4Rec_L over E4SRec with a 95% interval from a paired bootstrap over test users."""
-    loaded = []
     for d in runs:
-        for f in ("results.json", "ranks.npz"):
-            if not os.path.isfile(os.path.join(d, f)):
-                raise UserError(f"--report {d}: no {f} (not a finished run of this version)")
-        with open(os.path.join(d, "results.json")) as fh:
-            loaded.append((d, json.load(fh), np.load(os.path.join(d, "ranks.npz"))))
+        if not all(os.path.isfile(os.path.join(d, f)) for f in ("results.json", "ranks.npz")):
+            raise UserError(f"--report {d}: no results.json and ranks.npz (not a finished run of this version)")
+    loaded = [(d, json.load(open(f"{d}/results.json")), np.load(f"{d}/ranks.npz")) for d in runs]
     names = [n for n in MODELS if all(n in res["models"] for _, res, _ in loaded)]
     keys = [f"HR@{k}" for k in KS] + [f"NDCG@{k}" for k in KS]
     sd = (lambda v: f" ± {np.std(v, ddof=1):.4f}") if len(runs) > 1 else (lambda v: "")
+    at10 = {"HR@10": lambda r: (r < 10) * 1.0, "NDCG@10": lambda r: np.where(r < 10, 1 / np.log2(r + 2.0), 0.0)}
     rng = np.random.default_rng(0)
     for p in PROTOCOLS:
-        print(f"\ntest, history {p}, mean{' ± sd' if len(runs) > 1 else ''} over {len(runs)} run(s)\n")
-        print("| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+        print(f"\ntest, history {p}, mean{' ± sd' * (len(runs) > 1)} over {len(runs)} run(s)\n\n| model | "
+              + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
         for n in names:
             vals = [[res["models"][n]["test"][p][k] for _, res, _ in loaded] for k in keys]
             print(f"| {n} | " + " | ".join(f"{np.mean(v):.4f}{sd(v)}" for v in vals) + " |")
         print("\n| gain, 95% interval (paired bootstrap over test users) | run | HR@10 | NDCG@10 |\n|---|---|---|---|")
-        for new, old in (("LLMD4Rec_C", "SASRec"), ("LLMD4Rec_L", "E4SRec")):
-            if new not in names or old not in names:
-                continue
+        for new, old in [g for g in (("LLMD4Rec_C", "SASRec"), ("LLMD4Rec_L", "E4SRec")) if set(g) <= set(names)]:
             for d, _, rk in loaded:
-                a, b = per_user(rk[f"{new}/{p}"], 10), per_user(rk[f"{old}/{p}"], 10)
                 cells = []
-                for k in ("HR@10", "NDCG@10"):
-                    diff = a[k] - b[k]
-                    boot = np.concatenate([diff[rng.integers(0, len(diff), (100, len(diff)))].mean(1)
-                                           for _ in range(resamples // 100)])
+                for f in at10.values():
+                    diff = f(rk[f"{new}/{p}"]) - f(rk[f"{old}/{p}"])  # (U,) per-user gain
+                    boot = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)  # resampled test users
                     lo, hi = np.percentile(boot, [2.5, 97.5])
                     cells.append(f"{diff.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]")
                 print(f"| {new} - {old} | {d} | " + " | ".join(cells) + " |")

@@ -606,7 +606,8 @@ def test_evaluate_reloads_the_reported_models_and_their_numbers(tmp_path, capsys
     cfg, items, models = L.load_models(cfg.out)
     row = {item: j + 1 for j, item in enumerate(items)}
     history = torch.tensor([[row[i] for i in (3, 4, 5)]])
-    top10 = [items[j] for j in models["LLMD4Rec_C"].score(models["LLMD4Rec_C"].hidden(history)[:, -1]).topk(10).indices[0]]
+    model = models["LLMD4Rec_C"]
+    top10 = [items[j] for j in model.score(model.hidden(history)[:, -1]).topk(10).indices[0]]
     assert len(set(top10)) == 10 and set(top10) <= set(items)
 
 
@@ -617,6 +618,11 @@ def fake_run(folder, ranks):
     with open(os.path.join(folder, "results.json"), "w") as fh:
         json.dump({"models": models}, fh)
     np.savez(os.path.join(folder, "ranks.npz"), **{f"{n}/{p}": r for n, r in ranks.items() for p in L.PROTOCOLS})
+
+
+def numbers(line):
+    """The NDCG@10 cell of a gain line: gain [low, high]."""
+    return [float(v) for v in line.split("|")[4].replace("[", " ").replace(",", " ").replace("]", " ").split()]
 
 
 def test_report_means_and_paired_bootstrap_intervals(tmp_path, capsys):
@@ -636,10 +642,10 @@ def test_report_means_and_paired_bootstrap_intervals(tmp_path, capsys):
     for r, folder in zip(res, runs):
         line = next(l for l in out.splitlines() if l.startswith(f"| LLMD4Rec_C - SASRec | {folder} |"))
         gain = r["models"]["LLMD4Rec_C"]["test"]["kept"]["NDCG@10"] - r["models"]["SASRec"]["test"]["kept"]["NDCG@10"]
-        value, lo, hi = (float(v) for v in line.split("|")[4].replace("[", " ").replace(",", " ").replace("]", " ").split())
+        value, lo, hi = numbers(line)
         assert value == pytest.approx(gain, abs=1e-4) and 0 < lo < value < hi  # a real gain: the interval excludes 0
         line = next(l for l in out.splitlines() if l.startswith(f"| LLMD4Rec_L - E4SRec | {folder} |"))
-        value, lo, hi = (float(v) for v in line.split("|")[4].replace("[", " ").replace(",", " ").replace("]", " ").split())
+        value, lo, hi = numbers(line)
         assert lo < value < hi and hi - lo > 0.005
     assert L.main(["--report", str(tmp_path / "nothing")]) == 2
 
@@ -657,13 +663,13 @@ def test_cli_bad_data_is_one_line(tmp_path):
 
 
 BAD = [  # (extra flags, exact error message); {out} and {tmp} are filled in
-    (["--T1", "0"], "--T1 and --T2 must be > 0"),
+    (["--T1", "0"], "--crm-lr, --T1 and --T2 must be > 0"),
     (["--rounds", "-1"], "--rounds must be >= 0"),
-    (["--lambda2", "-0.5"], "--lambda1 and --lambda2 must be >= 0"),
+    (["--lambda2", "-0.5"], "--lambda2 must be >= 0"),
     (["--max-len", "1"], "--max-len must be >= 2"),
     (["--direction", "sideways"], "--direction must be both, up or down"),
     (["--d", "30", "--crm-heads", "4"], "--d must be divisible by --crm-heads"),
-    (["--llm-heads", "0"], "--llm-layers, --llm-heads and --lora-r must be >= 1"),
+    (["--llm-heads", "0"], "--llm-heads must be >= 1"),
     (["--num-candidates", "120"], "--num-candidates must be < the number of items (120)"),
     (["--data", "{tmp}/missing.txt"], "{tmp}/missing.txt: file not found (expected a dataset file or 'synthetic')"),
     (["--data", "{tmp}/three.txt"], "three.txt: no user has 4 or more items; nothing to train on"),
@@ -695,7 +701,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys, monkeypatch
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_request_without_cuda(tmp_path, capsys):
     assert L.main(["--device", "cuda", "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == "error: --device cuda: CUDA is not available on this machine\n"
+    assert capsys.readouterr().err == "error: --device cuda: CUDA is not available here\n"
 
 
 def test_resume_after_a_crash_mid_stage(tmp_path, monkeypatch):
