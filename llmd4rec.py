@@ -418,8 +418,7 @@ def load_backbone(cfg):
     return model, tok(INSTRUCTION).input_ids
 
 
-def hub_reachable(timeout=3.0):
-    """Whether the hub answers at once (from_pretrained retries for about a minute before it fails offline)."""
+def hub_reachable(timeout=3.0):  # from_pretrained retries for about a minute before it fails offline
     import socket
     from urllib.parse import urlparse
     from huggingface_hub import constants
@@ -568,6 +567,7 @@ def distill_ce(student_logits, teacher_logits, target, c, T, t_negent=None):
 
 
 KS = (5, 10, 20)
+KEYS = [f"HR@{k}" for k in KS] + [f"NDCG@{k}" for k in KS]
 PROTOCOLS = ("kept", "excluded")  # the user's history kept in the ranking, or excluded from it
 
 
@@ -920,10 +920,9 @@ def select_best(res, protocol):
 
 def print_table(res):
     names = [n for n in MODELS if n in res["models"]]
-    keys = [f"HR@{k}" for k in KS] + [f"NDCG@{k}" for k in KS]
     for p in PROTOCOLS:
         print(f"\ntest, history {p:8s} " + "".join(f"{n:>12s}" for n in names))
-        for k in keys:
+        for k in KEYS:
             print(f"{k:>8s}{'':17s}" + "".join(f"{res['models'][n]['test'][p][k]:12.4f}" for n in names))
 
 
@@ -951,21 +950,24 @@ def evaluate_run(out):
 
 def report(runs, resamples=1000):
     """--report RUN [RUN ...]: mean ± sd over the runs (seeds) of the four models, both protocols; each run's gain of
-    LLMD4Rec_C over SASRec and of LLMD4Rec_L over E4SRec with a 95% interval from a paired bootstrap over test users."""
-    for d in runs:
-        if not all(os.path.isfile(os.path.join(d, f)) for f in ("results.json", "ranks.npz")):
-            raise UserError(f"--report {d}: no results.json and ranks.npz (not a finished run of this version)")
-    loaded = [(d, json.load(open(f"{d}/results.json")), np.load(f"{d}/ranks.npz")) for d in runs]
+    LLMD4Rec_C over SASRec, LLMD4Rec_L over E4SRec, with a 95% interval from a paired bootstrap over test users."""
+    loaded = []
+    for d in runs:  # a finished run, or the stages so far of one stopped early (its checkpoint.pt)
+        if os.path.isfile(f"{d}/results.json") and os.path.isfile(f"{d}/ranks.npz"):
+            loaded.append((d, json.load(open(f"{d}/results.json")), np.load(f"{d}/ranks.npz")))
+        else:
+            st = read_state(f"{d}/checkpoint.pt", f"--report {d}")
+            ranks_of = {f"{n}/{p}": r.numpy() for n, rs in st["ranks"].items() for p, r in rs.items()}
+            loaded.append((d, st["results"], ranks_of))
     names = [n for n in MODELS if all(n in res["models"] for _, res, _ in loaded)]
-    keys = [f"HR@{k}" for k in KS] + [f"NDCG@{k}" for k in KS]
     sd = (lambda v: f" ± {np.std(v, ddof=1):.4f}") if len(runs) > 1 else (lambda v: "")
     at10 = {"HR@10": lambda r: (r < 10) * 1.0, "NDCG@10": lambda r: np.where(r < 10, 1 / np.log2(r + 2.0), 0.0)}
     rng = np.random.default_rng(0)
     for p in PROTOCOLS:
         print(f"\ntest, history {p}, mean{' ± sd' * (len(runs) > 1)} over {len(runs)} run(s)\n\n| model | "
-              + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+              + " | ".join(KEYS) + " |\n|---|" + "---|" * len(KEYS))
         for n in names:
-            vals = [[res["models"][n]["test"][p][k] for _, res, _ in loaded] for k in keys]
+            vals = [[res["models"][n]["test"][p][k] for _, res, _ in loaded] for k in KEYS]
             print(f"| {n} | " + " | ".join(f"{np.mean(v):.4f}{sd(v)}" for v in vals) + " |")
         print("\n| gain, 95% interval (paired bootstrap over test users) | run | HR@10 | NDCG@10 |\n|---|---|---|---|")
         for new, old in [g for g in (("LLMD4Rec_C", "SASRec"), ("LLMD4Rec_L", "E4SRec")) if set(g) <= set(names)]:

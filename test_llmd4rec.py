@@ -556,6 +556,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, small_run):
     part = dataclasses.replace(cfg, out=str(tmp_path / "part"))
     for stop in (1, 3):  # killed after SASRec, then again after the first LLM stage
         L.run(part if stop == 1 else L.Config(resume=part.out), stop_after=stop)
+    assert L.main(["--report", part.out]) == 0  # a stopped run is reported from its checkpoint
     resumed = L.run(L.Config(resume=part.out))  # the flags come from the checkpoint
 
     assert resumed["models"] == full["models"]
