@@ -521,9 +521,9 @@ def softmax_lse(x):
 
 class _DistillCE(torch.autograd.Function):
     """CE(s, target) + c * kd_loss(s, t, T) per row, with each softmax computed once and the gradient written out:
-    (p_s - onehot(target)) + c * T * (p_s^T - p_t^T). Speed only: a batch's loss and gradient at Beauty's size take
-    1.09-1.24x as long with autograd (README, Speed). Also returns the teacher's sum_j p_t,j log p_t,j per row,
-    which is fixed while the teacher is: given back as t_negent, it spares a pass over the teacher's logits."""
+    (p_s - onehot(target)) + c * T * (p_s^T - p_t^T). Speed only (autograd over kd_loss took 1.09-1.24x as long per
+    batch at Beauty's size). Also returns the teacher's sum_j p_t,j log p_t,j per row, which is fixed while the
+    teacher is: given back as t_negent, it spares a pass over the teacher's logits."""
 
     @staticmethod
     def forward(ctx, s, t, target, c, T, t_negent):
