@@ -607,8 +607,8 @@ def metrics(r):
 
 def evaluate_splits(model, data, cfg):
     """({split: {protocol: metrics}}, the test ranks {protocol: (U,)})."""
-    valid, test = evaluate(model, data.valid_x, data.valid_y, cfg.max_len), evaluate(model, data.test_x, data.test_y,
-                                                                                     cfg.max_len)
+    valid = evaluate(model, data.valid_x, data.valid_y, cfg.max_len)
+    test = evaluate(model, data.test_x, data.test_y, cfg.max_len)
     return {"valid": {p: metrics(valid[p]) for p in PROTOCOLS}, "test": {p: metrics(test[p]) for p in PROTOCOLS}}, test
 
 
@@ -619,10 +619,9 @@ def evaluate_splits(model, data, cfg):
 @dataclass
 class Teacher:
     """A stage's frozen teacher: SASRec in L_LLM = CE + lambda1 * w1 * L_down, the LLM in L_CRM = CE + lambda2 * w2 *
-    L_up.
-    In eval mode (no dropout), what it gives a target is fixed: its hidden state, computed when the stage starts, and
-    its rank of the true item and sum p log p, kept from the first epoch, which computes them anyway. Its logits are
-    recomputed: keeping them would take (targets x items) floats."""
+    L_up. In eval mode (no dropout), what it gives a target is fixed: its hidden state, computed when the stage
+    starts, and its rank of the true item and sum p log p, kept from the first epoch, which computes them anyway.
+    Its logits are recomputed: keeping them would take (targets x items) floats."""
     model: nn.Module
     T: float
     lam: float
