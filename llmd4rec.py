@@ -423,9 +423,11 @@ def hub_reachable(timeout=3.0):  # from_pretrained retries for about a minute be
     from urllib.parse import urlparse
     from huggingface_hub import constants
 
+    if constants.HF_HUB_OFFLINE:
+        return False
     try:
         socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
-        return not constants.HF_HUB_OFFLINE
+        return True
     except OSError:
         return False
 
@@ -600,9 +602,8 @@ def evaluate(model, x, y, max_len, protocols=PROTOCOLS, batch=1024):
 def metrics(r):
     """HR@k and NDCG@k from the targets' ranks (0 = top)."""
     r = torch.as_tensor(r).double()
-    out = {f"HR@{k}": (r < k).double().mean().item() for k in KS}
-    out.update({f"NDCG@{k}": torch.where(r < k, 1 / torch.log2(r + 2), 0.0).mean().item() for k in KS})
-    return out
+    return {**{f"HR@{k}": (r < k).double().mean().item() for k in KS},
+            **{f"NDCG@{k}": torch.where(r < k, 1 / torch.log2(r + 2), 0.0).mean().item() for k in KS}}
 
 
 def evaluate_splits(model, data, cfg):
