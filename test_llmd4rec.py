@@ -1,6 +1,7 @@
 """Tests for llmd4rec.py: fast, CPU only, no network. Run: python -m pytest -q test_llmd4rec.py"""
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -441,6 +442,34 @@ def test_the_teacher_scores_the_targets_of_the_batch(monkeypatch):
     assert len(seen[0][0]) > 100 and torch.allclose(seen[0][0], seen[0][1], atol=1e-5)
 
 
+def test_a_step_runs_a_plain_batch_in_length_groups(monkeypatch):
+    """The windows of a step are those of a plain shuffled batch, run in groups of one length class; the hidden
+    states, targets and teacher rows that reach the loss are those of the batch padded as one (no dropout)."""
+    cfg = L.Config(d=32, crm_dropout=0.0)
+    data = L.load_data(cfg)
+    crm = L.SASRec(data.num_items, cfg)
+    plain = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(3)).split(cfg.batch_size)
+    steps = L.batches(data, cfg.batch_size, torch.Generator().manual_seed(3))
+    group = torch.bucketize((data.train_x > 0).sum(1), L.LENGTH_GROUPS)
+    assert len(steps) == len(plain) and max(map(len, steps)) >= 3
+    for groups, idx in zip(steps, plain):
+        assert sorted(torch.cat(groups).tolist()) == sorted(idx.tolist())
+        assert all(len(group[g].unique()) == 1 for g in groups)
+    seen, real = [], L.backward
+    monkeypatch.setattr(L, "backward", lambda s, h, tidx, *a: seen.append((h.detach(), tidx, a[-1])) or
+                        real(s, h, tidx, *a))
+    before = copy.deepcopy(crm).eval()
+    L.train_stage(crm, L.make_teacher(copy.deepcopy(crm), data, 1.0, 1.0, True), data, cfg, torch.device("cpu"),
+                  lr=1e-3, epochs=1, tag=(1, "CRM"), gen=torch.Generator().manual_seed(3))
+    h, tidx, rows = seen[0]
+    x, y = data.train_x[plain[0]], data.train_y[plain[0]]
+    flat = torch.cumsum((data.train_y > 0).flatten(), 0).view_as(data.train_y) - 1
+    want_rows, want_tidx, want_h = flat[plain[0]][y > 0], y[y > 0] - 1, before.hidden(x)[y > 0]
+    got, want = rows.argsort(), want_rows.argsort()  # a target's teacher row names it
+    assert torch.equal(rows[got], want_rows[want]) and torch.equal(tidx[got], want_tidx[want])
+    assert torch.allclose(h[got], want_h[want], atol=1e-5)
+
+
 def test_the_reported_rounds_are_chosen_on_validation():
     def stage(rnd, name, valid, test):
         return {"round": rnd, "stage": name, "valid": {p: {"NDCG@10": valid} for p in L.PROTOCOLS},
@@ -752,7 +781,7 @@ def test_named_dataset_download_verify_and_cache(tmp_path, monkeypatch):
     src = tmp_path / "mirror"
     src.mkdir()
     (src / "tiny.txt").write_text("1 1 2 3 4\n2 2 3 4 5\n")
-    good = L.sha256(str(src / "tiny.txt"))
+    good = hashlib.sha256((src / "tiny.txt").read_bytes()).hexdigest()
     monkeypatch.setattr(L, "DATA_URL", src.as_uri() + "/")
     monkeypatch.setenv("LLMD4REC_CACHE", str(tmp_path / "cache"))
     # a corrupted download: clear error, nothing cached
