@@ -614,7 +614,7 @@ def evaluate_splits(model, data, cfg):
 class Teacher:
     """A stage's frozen teacher: SASRec in L_LLM = CE + lambda1 * w1 * L_down, the LLM in L_CRM = CE + lambda2 * w2 *
     L_up. In eval mode, what it gives a target is fixed: its hidden state (computed when the stage starts), its rank
-    of the true item and sum p log p (kept from the first epoch); its logits are recomputed ((targets x items))."""
+    of the true item and sum p log p (kept from the first epoch); its logits are recomputed (targets x items)."""
     model: nn.Module
     T: float
     lam: float
