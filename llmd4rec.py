@@ -114,8 +114,11 @@ def parse_args(argv=None):
                    help="reload the four models a finished run in OUT reports and print their test table")
     p.add_argument("--report", metavar="RUN", nargs="+", default=[],
                    help="runs' folders (seeds): mean +- sd of the four models, each run's gains with 95%% intervals")
+    p.add_argument("--control", metavar="RUN", nargs="+", default=[],
+                   help="with --report: each run's same-budget control (--direction down from its baselines.pt), in "
+                        "order; adds the control's SASRec side and each run's LLMD4Rec_C gain over it")
     args = vars(p.parse_args(argv))
-    commands = {k: args.pop(k) for k in ("evaluate", "report")}
+    commands = {k: args.pop(k) for k in ("evaluate", "report", "control")}
     return Config(**args), commands
 
 
@@ -948,44 +951,58 @@ def evaluate_run(out):
     return res
 
 
-def report(runs, resamples=1000):
+def load_run(d):
+    """(folder, results, test ranks) of a finished run, or of the stages so far of one stopped early."""
+    if os.path.isfile(f"{d}/results.json") and os.path.isfile(f"{d}/ranks.npz"):
+        return d, json.load(open(f"{d}/results.json")), np.load(f"{d}/ranks.npz")
+    st = read_state(f"{d}/checkpoint.pt", f"--report {d}")
+    return d, st["results"], {f"{n}/{p}": r.numpy() for n, rs in st["ranks"].items() for p, r in rs.items()}
+
+
+def report(runs, controls=(), resamples=1000):
     """--report RUN [RUN ...]: mean ± sd over the runs (seeds) of the four models, both protocols; each run's gain of
-    LLMD4Rec_C over SASRec, LLMD4Rec_L over E4SRec, with a 95% interval from a paired bootstrap over test users."""
-    loaded = []
-    for d in runs:  # a finished run, or the stages so far of one stopped early (its checkpoint.pt)
-        if os.path.isfile(f"{d}/results.json") and os.path.isfile(f"{d}/ranks.npz"):
-            loaded.append((d, json.load(open(f"{d}/results.json")), np.load(f"{d}/ranks.npz")))
-        else:
-            st = read_state(f"{d}/checkpoint.pt", f"--report {d}")
-            ranks_of = {f"{n}/{p}": r.numpy() for n, rs in st["ranks"].items() for p, r in rs.items()}
-            loaded.append((d, st["results"], ranks_of))
+    LLMD4Rec_C over SASRec, LLMD4Rec_L over E4SRec, with a 95% interval from a paired bootstrap over test users.
+    controls (--control): one a run, the same budget without L_up; their SASRec side, LLMD4Rec_C's gain over it."""
+    loaded, ctl = [load_run(d) for d in runs], [load_run(d) for d in controls]
     names = [n for n in MODELS if all(n in res["models"] for _, res, _ in loaded)]
+    if ctl and (len(ctl) != len(runs) or "LLMD4Rec_C" not in names
+                or any("LLMD4Rec_C" not in c["models"] or c.get("dataset") != r.get("dataset")
+                       for (_, r, _), (_, c, _) in zip(loaded, ctl))):
+        raise UserError("--control: one run per --report run, in the same order, on the same data, each with a CRM "
+                        "round (LLMD4Rec_C)")
     sd = (lambda v: f" ± {np.std(v, ddof=1):.4f}") if len(runs) > 1 else (lambda v: "")
     at10 = {"HR@10": lambda r: (r < 10) * 1.0, "NDCG@10": lambda r: np.where(r < 10, 1 / np.log2(r + 2.0), 0.0)}
     rng = np.random.default_rng(0)
     for p in PROTOCOLS:
         print(f"\ntest, history {p}, mean{' ± sd' * (len(runs) > 1)} over {len(runs)} run(s)\n\n| model | "
               + " | ".join(KEYS) + " |\n|---|" + "---|" * len(KEYS))
-        for n in names:
-            vals = [[res["models"][n]["test"][p][k] for _, res, _ in loaded] for k in KEYS]
+        rows = [(n, [res["models"][n] for _, res, _ in loaded]) for n in names]
+        rows += [("control (no L_up)", [res["models"]["LLMD4Rec_C"] for _, res, _ in ctl])] if ctl else []
+        for n, found in rows:
+            vals = [[m["test"][p][k] for m in found] for k in KEYS]
             print(f"| {n} | " + " | ".join(f"{np.mean(v):.4f}{sd(v)}" for v in vals) + " |")
         print("\n| gain, 95% interval (paired bootstrap over test users) | run | HR@10 | NDCG@10 |\n|---|---|---|---|")
-        for new, old in [g for g in (("LLMD4Rec_C", "SASRec"), ("LLMD4Rec_L", "E4SRec")) if set(g) <= set(names)]:
-            for d, _, rk in loaded:
-                cells = []
-                for f in at10.values():
-                    diff = f(rk[f"{new}/{p}"]) - f(rk[f"{old}/{p}"])  # (U,) per-user gain
-                    boot = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)  # resampled test users
-                    lo, hi = np.percentile(boot, [2.5, 97.5])
-                    cells.append(f"{diff.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]")
-                print(f"| {new} - {old} | {d} | " + " | ".join(cells) + " |")
+        pairs = [g for g in (("LLMD4Rec_C", "SASRec"), ("LLMD4Rec_L", "E4SRec")) if set(g) <= set(names)]
+        gains = [(f"{new} - {old}", d, rk[f"{new}/{p}"], rk[f"{old}/{p}"]) for new, old in pairs for d, _, rk in loaded]
+        gains += [("LLMD4Rec_C - control", d, rk[f"LLMD4Rec_C/{p}"], ck[f"LLMD4Rec_C/{p}"])
+                  for (d, _, rk), (_, _, ck) in zip(loaded, ctl)]
+        for label, d, new, old in gains:
+            cells = []
+            for f in at10.values():
+                diff = f(new) - f(old)  # (U,) per-user gain
+                boot = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)  # resampled test users
+                lo, hi = np.percentile(boot, [2.5, 97.5])
+                cells.append(f"{diff.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]")
+            print(f"| {label} | {d} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None):
     cfg, commands = parse_args(argv)
     try:
         if commands["report"]:
-            report(commands["report"])
+            report(commands["report"], commands["control"])
+        elif commands["control"]:
+            raise UserError("--control goes with --report")
         elif commands["evaluate"]:
             evaluate_run(commands["evaluate"])
         else:

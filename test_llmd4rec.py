@@ -677,6 +677,38 @@ def test_report_means_and_paired_bootstrap_intervals(tmp_path, capsys):
     assert L.main(["--report", str(tmp_path / "nothing")]) == 2
 
 
+def test_report_against_the_same_budget_control(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    runs, controls, ndcg, gain = [], [], [], []
+    for seed in range(2):
+        base = rng.integers(0, 40, 3000)
+        ctl = np.where(rng.random(3000) < 0.1, base // 2, base)  # the control gains a little
+        better = np.where(rng.random(3000) < 0.3, base // 4, base)
+        runs.append(str(tmp_path / f"s{seed}"))
+        fake_run(runs[-1], {"SASRec": base, "LLMD4Rec_C": better})
+        controls.append(str(tmp_path / f"s{seed}_down"))
+        fake_run(controls[-1], {"SASRec": base, "LLMD4Rec_C": ctl})
+        ndcg.append(L.metrics(ctl)["NDCG@10"])
+        gain.append(L.metrics(better)["NDCG@10"] - ndcg[-1])
+    assert L.main(["--report"] + runs + ["--control"] + controls) == 0
+    out = capsys.readouterr().out
+    row = next(l for l in out.splitlines() if l.startswith("| control (no L_up) | "))
+    assert f"| {np.mean(ndcg):.4f} ± {np.std(ndcg, ddof=1):.4f} |" in row
+    for folder, g in zip(runs, gain):  # paired with its own control, not another seed's
+        value, lo, hi = numbers(next(l for l in out.splitlines() if l.startswith(f"| LLMD4Rec_C - control | {folder} |")))
+        assert value == pytest.approx(g, abs=1e-4) and 0 < lo < value < hi
+    assert L.main(["--report"] + runs + ["--control", controls[0]]) == 2  # one control a run
+    fake_run(str(tmp_path / "no_crm"), {"SASRec": rng.integers(0, 40, 3000)})
+    assert L.main(["--report", runs[0], "--control", str(tmp_path / "no_crm")]) == 2
+    path = os.path.join(controls[1], "results.json")
+    res = json.load(open(path))
+    with open(path, "w") as fh:
+        json.dump({**res, "dataset": {"name": "Toys_and_Games.txt"}}, fh)
+    assert L.main(["--report"] + runs + ["--control"] + controls) == 2  # a control on other data
+    assert L.main(["--control"] + controls) == 2  # only with --report
+    assert "--control" in capsys.readouterr().err
+
+
 def test_bad_data_is_one_line_before_anything_is_written(tmp_path, capsys):
     bad = write(tmp_path, "1 2 3\n2 3 oops\n")
     assert L.main(["--data", bad, "--out", str(tmp_path / "o")]) == 2
