@@ -972,7 +972,6 @@ def report(runs, controls=(), resamples=1000):
                         "round (LLMD4Rec_C)")
     sd = (lambda v: f" ± {np.std(v, ddof=1):.4f}") if len(runs) > 1 else (lambda v: "")
     at10 = {"HR@10": lambda r: (r < 10) * 1.0, "NDCG@10": lambda r: np.where(r < 10, 1 / np.log2(r + 2.0), 0.0)}
-    rng = np.random.default_rng(0)
     for p in PROTOCOLS:
         print(f"\ntest, history {p}, mean{' ± sd' * (len(runs) > 1)} over {len(runs)} run(s)\n\n| model | "
               + " | ".join(KEYS) + " |\n|---|" + "---|" * len(KEYS))
@@ -987,7 +986,7 @@ def report(runs, controls=(), resamples=1000):
         gains += [("LLMD4Rec_C - control", d, rk[f"LLMD4Rec_C/{p}"], ck[f"LLMD4Rec_C/{p}"])
                   for (d, _, rk), (_, _, ck) in zip(loaded, ctl)]
         for label, d, new, old in gains:
-            cells = []
+            cells, rng = [], np.random.default_rng(0)  # the same resampled users for every gain
             for f in at10.values():
                 diff = f(new) - f(old)  # (U,) per-user gain
                 boot = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)  # resampled test users
