@@ -76,6 +76,7 @@ class Config:
     d: int = arg(64, "SASRec width (item embedding size d)")
     crm_blocks: int = arg(2, "SASRec self-attention blocks")
     crm_heads: int = arg(1, "SASRec attention heads")
+    crm_ffn: int = arg(64, "SASRec feed-forward inner size (the original SASRec's: d; RecBole's: 256)")
     crm_dropout: float = arg(0.3, "SASRec dropout")
     crm_lr: float = arg(2e-3, "SASRec learning rate (Adam)")
     crm_epochs: int = arg(40, "SASRec epochs per stage, at most (early stopping)")
@@ -127,8 +128,9 @@ class UserError(Exception):
 
 
 def check_config(cfg):
-    at_least = dict(max_len=2, batch_size=1, patience=1, d=1, crm_blocks=1, crm_heads=1, crm_epochs=1, llm_layers=1,
-                    llm_heads=1, lora_r=1, llm_epochs=0, rounds=0, num_candidates=0, lambda1=0, lambda2=0, llm_lr=0)
+    at_least = dict(max_len=2, batch_size=1, patience=1, d=1, crm_blocks=1, crm_heads=1, crm_ffn=1, crm_epochs=1,
+                    llm_layers=1, llm_heads=1, lora_r=1, llm_epochs=0, rounds=0, num_candidates=0, lambda1=0, lambda2=0,
+                    llm_lr=0)
     problems = [(getattr(cfg, k) < v, f"--{k.replace('_', '-')} must be >= {v}") for k, v in at_least.items()] + [
         (min(cfg.crm_lr, cfg.T1, cfg.T2) <= 0, "--crm-lr, --T1 and --T2 must be > 0"),
         (cfg.d % max(cfg.crm_heads, 1) != 0, "--d must be divisible by --crm-heads"),
@@ -311,14 +313,14 @@ def load_data(cfg):
 # NOTE: deviation: pre-LN blocks with a GELU feed-forward and N(0, 0.02) init instead of SASRec's post-LN/ReLU;
 # trained with cross-entropy over all items (METHOD.md's choice: distillation needs a full distribution).
 class Block(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)), then x + FFN(LN(x)); SASRec's FFN is d -> d."""
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + FFN(LN(x)) with FFN d -> ffn -> d."""
 
-    def __init__(self, d, heads, dropout):
+    def __init__(self, d, heads, dropout, ffn):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.ffn = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, d))
+        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, d))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, mask):  # x (B, L, d), mask (B, 1, L, L) True = may attend
@@ -337,7 +339,8 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(num_items + 1, cfg.d, padding_idx=0)  # E_c; row 0 = padding
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)  # position = distance from the newest item
         self.drop = nn.Dropout(cfg.crm_dropout)
-        self.blocks = nn.ModuleList(Block(cfg.d, cfg.crm_heads, cfg.crm_dropout) for _ in range(cfg.crm_blocks))
+        self.blocks = nn.ModuleList(Block(cfg.d, cfg.crm_heads, cfg.crm_dropout, cfg.crm_ffn)
+                                    for _ in range(cfg.crm_blocks))
         self.ln = nn.LayerNorm(cfg.d)
         for p in [p for p in self.parameters() if p.dim() == 2]:  # small init: N(0, 1) embeddings train badly here
             nn.init.normal_(p, std=0.02)
@@ -933,6 +936,7 @@ def load_models(out):
     """The models that OUT/results.json reports, as they were evaluated, on the CPU: (Config, items, {name: model}),
     items[j] the dataset's id of the item in score column j."""
     saved = read_state(os.path.join(out, "models.pt"), "--evaluate " + out)
+    saved["config"].setdefault("crm_ffn", saved["config"]["d"])  # a run from before --crm-ffn: FFN d -> d
     cfg, items, models = Config(**saved["config"]), saved["items"], {}
     for name, state in saved["models"].items():
         crm = SASRec(len(items), cfg)

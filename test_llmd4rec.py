@@ -617,7 +617,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 def test_evaluate_reloads_the_reported_models_and_their_numbers(tmp_path, capsys):
-    cfg = cfg_for(tmp_path, crm_epochs=3, llm_epochs=2, rounds=2)
+    cfg = cfg_for(tmp_path, crm_epochs=3, llm_epochs=2, rounds=2, crm_ffn=48)
     res = L.run(cfg)
     saved = torch.load(os.path.join(cfg.out, "models.pt"), weights_only=False)
     assert set(saved["models"]) == set(L.MODELS) and saved["items"] == L.load_data(cfg).items
@@ -636,6 +636,17 @@ def test_evaluate_reloads_the_reported_models_and_their_numbers(tmp_path, capsys
     model = models["LLMD4Rec_C"]
     top10 = [items[j] for j in model.score(model.hidden(history)[:, -1]).topk(10).indices[0]]
     assert len(set(top10)) == 10 and set(top10) <= set(items)
+    assert [b.ffn[0].out_features for b in model.blocks] == [48, 48]  # --crm-ffn
+
+
+def test_a_run_from_before_crm_ffn_reloads_with_its_ffn_d(tmp_path):
+    cfg = L.Config(d=16, crm_ffn=16, out=str(tmp_path))
+    crm = L.SASRec(9, cfg)
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite", "crm_ffn")}
+    torch.save({"config": old, "items": list(range(1, 10)), "models": {"SASRec": L.trained_state(crm)}},
+               tmp_path / "models.pt")
+    _, _, models = L.load_models(str(tmp_path))
+    assert all(torch.equal(v, crm.state_dict()[k]) for k, v in models["SASRec"].state_dict().items())
 
 
 def fake_run(folder, ranks):
