@@ -639,6 +639,12 @@ def test_evaluate_reloads_the_reported_models_and_their_numbers(tmp_path, capsys
     assert [b.ffn[0].out_features for b in model.blocks] == [48, 48]  # --crm-ffn
 
 
+def test_sasrec_alone_trains_as_in_a_full_run(tmp_path):  # the README's SASRec-only variants rely on it
+    alone = L.run(cfg_for(tmp_path / "alone", crm_epochs=2, llm_epochs=0, rounds=0))
+    full = L.run(cfg_for(tmp_path / "full", crm_epochs=2, llm_epochs=1, rounds=0))
+    assert alone["models"]["SASRec"] == full["models"]["SASRec"]
+
+
 def test_a_run_from_before_crm_ffn_reloads_with_its_ffn_d(tmp_path):
     cfg = L.Config(d=16, crm_ffn=16, out=str(tmp_path))
     crm = L.SASRec(9, cfg)
