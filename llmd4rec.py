@@ -86,7 +86,7 @@ class Config:
     llm_layers: int = arg(2, "tiny backbone: decoder layers")
     llm_heads: int = arg(4, "tiny backbone: attention heads")
     llm_dropout: float = arg(0.1, "dropout on the soft tokens (and attention, for tiny)")
-    llm_lr: float = arg(0.0, "LLM-side learning rate; 0: 1e-3 for tiny, E4SRec's 3e-4 for LoRA on a pretrained --llm")
+    llm_lr: float = arg(0.0, "LLM-side learning rate; 0: 5e-4 for tiny, E4SRec's 3e-4 for LoRA on a pretrained --llm")
     llm_epochs: int = arg(10, "LLM epochs per stage, at most (early stopping); 0 = no LLM stage")
     lora_r: int = arg(16, "LoRA rank (pretrained --llm only)")
     lora_alpha: float = arg(16.0, "LoRA alpha (pretrained --llm only)")
@@ -834,7 +834,7 @@ def run(cfg, stop_after=None):
     """Train the baselines and R rounds, write OUT/results.json, ranks.npz, models.pt; stop_after (tests): a kill."""
     check_config(cfg)
     cfg, state = resume(cfg) if cfg.resume else (cfg, None)
-    cfg = dataclasses.replace(cfg, llm_lr=cfg.llm_lr or (1e-3 if cfg.llm == "tiny" else 3e-4))
+    cfg = dataclasses.replace(cfg, llm_lr=cfg.llm_lr or (5e-4 if cfg.llm == "tiny" else 3e-4))
     data = load_data(cfg)
     if cfg.num_candidates >= data.num_items:
         raise UserError(f"--num-candidates must be < the number of items ({data.num_items})")
