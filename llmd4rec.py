@@ -21,7 +21,7 @@ Notation (paper -> code):
     L_LLM, L_CRM         CE + lambda * w * T^2 * KL        objective() with a Teacher; fused: distill_ce()
 
 Run:
-    python llmd4rec.py                                    # synthetic data, seconds on a laptop CPU
+    python llmd4rec.py                                    # synthetic data, about a minute on a laptop CPU
     python llmd4rec.py --data Beauty.txt --out runs/beauty
     python llmd4rec.py --report runs/beauty_s0 runs/beauty_s1  # mean ± sd, each gain with a 95% interval
     python llmd4rec.py --help
