@@ -85,7 +85,7 @@ class Config:
     llm_dim: int = arg(128, "tiny backbone: hidden size D")
     llm_layers: int = arg(2, "tiny backbone: decoder layers")
     llm_heads: int = arg(4, "tiny backbone: attention heads")
-    llm_dropout: float = arg(0.1, "dropout on the soft tokens (and attention, for tiny)")
+    llm_dropout: float = arg(0.0, "dropout on the soft tokens (and attention, for tiny); 0 won on validation")
     llm_lr: float = arg(0.0, "LLM-side learning rate; 0: 5e-4 for tiny, E4SRec's 3e-4 for LoRA on a pretrained --llm")
     llm_epochs: int = arg(10, "LLM epochs per stage, at most (early stopping); 0 = no LLM stage")
     lora_r: int = arg(16, "LoRA rank (pretrained --llm only)")
