@@ -171,11 +171,11 @@ def read_sequences(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found (expected a dataset file or 'synthetic')")
     rows = []  # (line number, [ints])
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:  # -sig: a leading BOM is not an id
         for lineno, line in enumerate(fh, 1):
             toks = line.split()
             for tok in toks:
-                if not tok.lstrip("-").isdigit():
+                if not tok.lstrip("-").isdecimal():  # not isdigit: int() refuses digits such as '²'
                     raise UserError(f"{path}:{lineno}: expected integer ids, got {tok!r}")
                 if int(tok) <= 0:
                     raise UserError(f"{path}:{lineno}: expected positive ids (0 is padding), got {tok}")
@@ -804,6 +804,11 @@ def prepare_out(cfg):
     if taken and not cfg.overwrite:
         raise UserError(f"--out {cfg.out} already holds {', '.join(taken)}; pass --overwrite, --resume {cfg.out} "
                         "or another --out")
+    folder = Path(cfg.out)
+    while not folder.exists():  # the part of --out that exists must be a folder
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"--out {cfg.out}: {folder} is a file; expected a folder")
     if not cfg.baselines:
         return None
     state = read_state(cfg.baselines, "--baselines")  # round 0 needs the same data and model flags
@@ -813,6 +818,10 @@ def prepare_out(cfg):
     if then != now:
         diff = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {v})" for k, v in now.items() if then.get(k) != v)
         raise UserError(f"--baselines: the flags differ from those of the run that wrote {cfg.baselines}: {diff}")
+    n0 = sum(r == 0 for r, _ in stages(cfg))
+    if state["done"] != n0:  # a later checkpoint.pt would skip the rounds and report its own run's
+        raise UserError(f"--baselines: {cfg.baselines} was written after stage {state['done']} of its run, not after "
+                        f"round 0 (stage {n0}); pass that run's baselines.pt")
     return state
 
 

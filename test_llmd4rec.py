@@ -39,7 +39,9 @@ def write(tmp_path, text, name="data.txt"):
 def test_both_formats_give_the_same_sequences(tmp_path):
     seq = write(tmp_path, "7 30 10 20\n3 10 40\n", "seq.txt")
     pairs = write(tmp_path, "7 30\n7 10\n3 10\n7 20\n3 40\n", "pairs.txt")
-    assert L.read_sequences(seq) == L.read_sequences(pairs) == {7: [30, 10, 20], 3: [10, 40]}
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + open(seq, "rb").read())  # saved with a UTF-8 byte-order mark
+    assert L.read_sequences(seq) == L.read_sequences(pairs) == L.read_sequences(str(tmp_path / "bom.txt")) == {
+        7: [30, 10, 20], 3: [10, 40]}
 
 
 def test_split_leave_one_out_and_remapping(tmp_path):
@@ -73,6 +75,7 @@ def test_no_eval_target_is_a_training_target_of_its_user():
 @pytest.mark.parametrize("text, expected", [
     ("", "empty file"),
     ("1 2 3\n2 4 x5\n", ":2: expected integer ids, got 'x5'"),
+    ("1 2 3\n2 4 \u00b2\n", ":2: expected integer ids, got '\u00b2'"),  # a digit to isdigit(), not to int()
     ("1 2 3\n2 0 4\n", ":2: expected positive ids (0 is padding), got 0"),
     ("1 2 3\n2 -4 4\n", ":2: expected positive ids (0 is padding), got -4"),
     ("1 2 3\n2\n", ":2: user 2 has no items"),
@@ -714,7 +717,8 @@ def test_report_against_the_same_budget_control(tmp_path, capsys):
     row = next(l for l in out.splitlines() if l.startswith("| control (no L_up) | "))
     assert f"| {np.mean(ndcg):.4f} ± {np.std(ndcg, ddof=1):.4f} |" in row
     for folder, g in zip(runs, gain):  # paired with its own control, not another seed's
-        value, lo, hi = numbers(next(l for l in out.splitlines() if l.startswith(f"| LLMD4Rec_C - control | {folder} |")))
+        row = next(l for l in out.splitlines() if l.startswith(f"| LLMD4Rec_C - control | {folder} |"))
+        value, lo, hi = numbers(row)
         assert value == pytest.approx(g, abs=1e-4) and 0 < lo < value < hi
     assert L.main(["--report"] + runs + ["--control", controls[0]]) == 2  # one control a run
     fake_run(str(tmp_path / "no_crm"), {"SASRec": rng.integers(0, 40, 3000)})
@@ -751,6 +755,7 @@ BAD = [  # (extra flags, exact error message); {out} and {tmp} are filled in
     (["--data", "{tmp}/three.txt"], "three.txt: no user has 4 or more items; nothing to train on"),
     (["--llm", "no-such-org/no-such-model"], None),  # message checked by prefix below
     (["--resume", "{tmp}/out"], "--resume and --overwrite exclude each other"),
+    (["--out", "{tmp}/three.txt/run"], "--out {tmp}/three.txt/run: {tmp}/three.txt is a file; expected a folder"),
 ]
 
 
@@ -862,3 +867,6 @@ def test_ablation_from_saved_baselines_equals_a_full_run(tmp_path, small_run):
     assert ablation["models"] == full["models"]
     with pytest.raises(L.UserError, match=r"flags differ .*baselines.pt: --d 32 \(now 16\)$"):  # other model flags
         L.run(dataclasses.replace(cfg, d=16, out=str(tmp_path / "other"), baselines=baselines))
+    finished = os.path.join(first.out, "checkpoint.pt")  # a finished run's last checkpoint: its rounds are done
+    with pytest.raises(L.UserError, match=r"after stage 4 of its run, not after round 0 \(stage 2\); pass that run's"):
+        L.run(dataclasses.replace(cfg, out=str(tmp_path / "late"), baselines=finished))
