@@ -755,6 +755,11 @@ def stages(cfg):
             + [(r, name) for r in range(1, cfg.rounds + 1) for name in ("LLM", "CRM")])
 
 
+def baseline_stages(cfg):
+    """How many stages round 0 has: after them a run writes baselines.pt."""
+    return sum(r == 0 for r, _ in stages(cfg))
+
+
 def save_atomic(obj, path):
     """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
@@ -818,7 +823,7 @@ def prepare_out(cfg):
     if then != now:
         diff = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {v})" for k, v in now.items() if then.get(k) != v)
         raise UserError(f"--baselines: the flags differ from those of the run that wrote {cfg.baselines}: {diff}")
-    n0 = sum(r == 0 for r, _ in stages(cfg))
+    n0 = baseline_stages(cfg)
     if state["done"] != n0:  # a later checkpoint.pt would skip the rounds and report its own run's
         raise UserError(f"--baselines: {cfg.baselines} was written after stage {state['done']} of its run, not after "
                         f"round 0 (stage {n0}); pass that run's baselines.pt")
@@ -908,7 +913,7 @@ def run(cfg, stop_after=None):
                  "rng": torch.get_rng_state(), "gen": gen.get_state(),
                  "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
         save_atomic(state, os.path.join(cfg.out, "checkpoint.pt"))
-        if rnd == 0 and i + 1 == sum(r == 0 for r, _ in stages(cfg)):  # the baselines, for --baselines
+        if i + 1 == baseline_stages(cfg):  # the baselines, for --baselines
             save_atomic(state, os.path.join(cfg.out, "baselines.pt"))
         if stop_after is not None and i + 1 >= stop_after:
             return None
