@@ -129,9 +129,12 @@ class UserError(Exception):
 
 def check_config(cfg):
     at_least = dict(max_len=2, batch_size=1, patience=1, d=1, crm_blocks=1, crm_heads=1, crm_ffn=1, crm_epochs=1,
-                    llm_layers=1, llm_heads=1, lora_r=1, llm_epochs=0, rounds=0, num_candidates=0, lambda1=0, lambda2=0,
-                    llm_lr=0)
-    problems = [(getattr(cfg, k) < v, f"--{k.replace('_', '-')} must be >= {v}") for k, v in at_least.items()] + [
+                    llm_dim=1, llm_layers=1, llm_heads=1, lora_r=1, llm_epochs=0, rounds=0, num_candidates=0,
+                    lambda1=0, lambda2=0, llm_lr=0)
+    floats = [f.name for f in dataclasses.fields(cfg) if f.type in (float, "float")]  # argparse takes 'nan', 'inf'
+    problems = [(not math.isfinite(getattr(cfg, k)), f"--{k.replace('_', '-')} must be a finite number")
+                for k in floats]
+    problems += [(getattr(cfg, k) < v, f"--{k.replace('_', '-')} must be >= {v}") for k, v in at_least.items()] + [
         (min(cfg.crm_lr, cfg.T1, cfg.T2) <= 0, "--crm-lr, --T1 and --T2 must be > 0"),
         (cfg.d % max(cfg.crm_heads, 1) != 0, "--d must be divisible by --crm-heads"),
         (cfg.llm_dim % max(cfg.llm_heads, 1) != 0, "--llm-dim must be divisible by --llm-heads"),
@@ -175,7 +178,7 @@ def read_sequences(path):
         for lineno, line in enumerate(fh, 1):
             toks = line.split()
             for tok in toks:
-                if not tok.lstrip("-").isdecimal():  # not isdigit: int() refuses digits such as '²'
+                if not tok.removeprefix("-").isdecimal():  # int() refuses '²' (a digit to isdigit()) and '--5'
                     raise UserError(f"{path}:{lineno}: expected integer ids, got {tok!r}")
                 if int(tok) <= 0:
                     raise UserError(f"{path}:{lineno}: expected positive ids (0 is padding), got {tok}")
@@ -983,11 +986,13 @@ def report(runs, controls=(), resamples=1000):
     controls (--control): one a run, the same budget without L_up; their SASRec side, LLMD4Rec_C's gain over it."""
     loaded, ctl = [load_run(d) for d in runs], [load_run(d) for d in controls]
     names = [n for n in MODELS if all(n in res["models"] for _, res, _ in loaded)]
+    data = {d: res.get("dataset") for d, res, _ in loaded + ctl}  # results.json's name and counts
+    if any(v != data[runs[0]] for v in data.values()):
+        raise UserError("--report: the runs are not all on the same data: "
+                        + ", ".join(f"{d} {(v or {}).get('name')}" for d, v in data.items()))
     if ctl and (len(ctl) != len(runs) or "LLMD4Rec_C" not in names
-                or any("LLMD4Rec_C" not in c["models"] or c.get("dataset") != r.get("dataset")
-                       for (_, r, _), (_, c, _) in zip(loaded, ctl))):
-        raise UserError("--control: one run per --report run, in the same order, on the same data, each with a CRM "
-                        "round (LLMD4Rec_C)")
+                or any("LLMD4Rec_C" not in c["models"] for _, c, _ in ctl)):
+        raise UserError("--control: one run per --report run, in the same order, each with a CRM round (LLMD4Rec_C)")
     sd = (lambda v: f" ± {np.std(v, ddof=1):.4f}") if len(runs) > 1 else (lambda v: "")
     at10 = {"HR@10": lambda r: (r < 10) * 1.0, "NDCG@10": lambda r: np.where(r < 10, 1 / np.log2(r + 2.0), 0.0)}
     for p in PROTOCOLS:

@@ -78,6 +78,7 @@ def test_no_eval_target_is_a_training_target_of_its_user():
     ("1 2 3\n2 4 \u00b2\n", ":2: expected integer ids, got '\u00b2'"),  # a digit to isdigit(), not to int()
     ("1 2 3\n2 0 4\n", ":2: expected positive ids (0 is padding), got 0"),
     ("1 2 3\n2 -4 4\n", ":2: expected positive ids (0 is padding), got -4"),
+    ("1 2 3\n2 4 --5\n", ":2: expected integer ids, got '--5'"),
     ("1 2 3\n2\n", ":2: user 2 has no items"),
     ("1 2 3\n1 4 5\n", ":2: user 1 appears again (first on line 1)"),
 ])
@@ -728,6 +729,8 @@ def test_report_against_the_same_budget_control(tmp_path, capsys):
     with open(path, "w") as fh:
         json.dump({**res, "dataset": {"name": "Toys_and_Games.txt"}}, fh)
     assert L.main(["--report"] + runs + ["--control"] + controls) == 2  # a control on other data
+    assert f"{controls[1]} Toys_and_Games.txt" in capsys.readouterr().err
+    assert L.main(["--report"] + runs + [controls[1]]) == 2  # runs on two datasets: no mean over them
     assert L.main(["--control"] + controls) == 2  # only with --report
     assert "--control" in capsys.readouterr().err
 
@@ -746,10 +749,13 @@ BAD = [  # (extra flags, exact error message); {out} and {tmp} are filled in
     (["--T1", "0"], "--crm-lr, --T1 and --T2 must be > 0"),
     (["--rounds", "-1"], "--rounds must be >= 0"),
     (["--lambda2", "-0.5"], "--lambda2 must be >= 0"),
+    (["--T2", "nan"], "--T2 must be a finite number"),  # passes every comparison
+    (["--lambda1", "inf"], "--lambda1 must be a finite number"),
     (["--max-len", "1"], "--max-len must be >= 2"),
     (["--direction", "sideways"], "--direction must be both, up or down"),
     (["--d", "30", "--crm-heads", "4"], "--d must be divisible by --crm-heads"),
     (["--llm-heads", "0"], "--llm-heads must be >= 1"),
+    (["--llm-dim", "0"], "--llm-dim must be >= 1"),
     (["--num-candidates", "120"], "--num-candidates must be < the number of items (120)"),
     (["--data", "{tmp}/missing.txt"], "{tmp}/missing.txt: file not found (expected a dataset file or 'synthetic')"),
     (["--data", "{tmp}/three.txt"], "three.txt: no user has 4 or more items; nothing to train on"),
