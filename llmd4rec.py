@@ -104,13 +104,18 @@ class Config:
     no_id_update: bool = arg(False, "ablation: keep the LLM's soft-token embeddings from the first SASRec")
 
 
+def flag(name):
+    """The command-line flag of a Config field: crm_lr -> --crm-lr."""
+    return "--" + name.replace("_", "-")
+
+
 def parse_args(argv=None):
     """(Config, commands): every Config field is a flag; --evaluate and --report are commands on finished runs."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         kind = dict(action="store_true") if f.type in (bool, "bool") else dict(type=type(f.default), default=f.default)
-        p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **kind)
+        p.add_argument(flag(f.name), help=f.metadata["help"], **kind)
     p.add_argument("--evaluate", metavar="OUT", default="",
                    help="reload the four models a finished run in OUT reports and print their test table")
     p.add_argument("--report", metavar="RUN", nargs="+", default=[],
@@ -132,9 +137,8 @@ def check_config(cfg):
                     llm_dim=1, llm_layers=1, llm_heads=1, lora_r=1, llm_epochs=0, rounds=0, num_candidates=0,
                     lambda1=0, lambda2=0, llm_lr=0)
     floats = [f.name for f in dataclasses.fields(cfg) if f.type in (float, "float")]  # argparse takes 'nan', 'inf'
-    problems = [(not math.isfinite(getattr(cfg, k)), f"--{k.replace('_', '-')} must be a finite number")
-                for k in floats]
-    problems += [(getattr(cfg, k) < v, f"--{k.replace('_', '-')} must be >= {v}") for k, v in at_least.items()] + [
+    problems = [(not math.isfinite(getattr(cfg, k)), f"{flag(k)} must be a finite number") for k in floats] + [
+        (getattr(cfg, k) < v, f"{flag(k)} must be >= {v}") for k, v in at_least.items()] + [
         (min(cfg.crm_lr, cfg.T1, cfg.T2) <= 0, "--crm-lr, --T1 and --T2 must be > 0"),
         (cfg.d % max(cfg.crm_heads, 1) != 0, "--d must be divisible by --crm-heads"),
         (cfg.llm_dim % max(cfg.llm_heads, 1) != 0, "--llm-dim must be divisible by --llm-heads"),
@@ -797,7 +801,7 @@ def resume(cfg):
     if set(state["config"]) != set(defaults) - {"resume", "overwrite"}:
         raise UserError(f"--resume {cfg.resume}: checkpoint.pt was written by another version of llmd4rec.py")
     saved = Config(**{**state["config"], "out": cfg.resume, "resume": cfg.resume})
-    clash = [f"--{k.replace('_', '-')} {v} (the run: {getattr(saved, k)})" for k, v in dataclasses.asdict(cfg).items()
+    clash = [f"{flag(k)} {v} (the run: {getattr(saved, k)})" for k, v in dataclasses.asdict(cfg).items()
              if k not in ("resume", "overwrite") and v != defaults[k] and v != getattr(saved, k)]
     if clash:
         raise UserError(f"--resume {cfg.resume} continues with the flags the run was started with; "
@@ -824,7 +828,7 @@ def prepare_out(cfg):
                  "no_weight", "no_id_update")
     then, now = ({k: v for k, v in c.items() if k not in leave_out} for c in (state["config"], dataclasses.asdict(cfg)))
     if then != now:
-        diff = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (now {v})" for k, v in now.items() if then.get(k) != v)
+        diff = ", ".join(f"{flag(k)} {then.get(k)} (now {v})" for k, v in now.items() if then.get(k) != v)
         raise UserError(f"--baselines: the flags differ from those of the run that wrote {cfg.baselines}: {diff}")
     n0 = baseline_stages(cfg)
     if state["done"] != n0:  # a later checkpoint.pt would skip the rounds and report its own run's
