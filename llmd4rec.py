@@ -317,7 +317,9 @@ def load_data(cfg):
 # CRM: SASRec (Kang & McAuley, ICDM 2018), pre-LN blocks, item embeddings tied to the output
 
 
-# NOTE: deviation: pre-LN blocks with a GELU feed-forward and N(0, 0.02) init instead of SASRec's post-LN/ReLU;
+# NOTE: deviation: pre-LN blocks as SASRec's paper writes them, x + Dropout(g(LN(x))) (its code normalises only the
+# queries and adds the residual after the LayerNorm), with a GELU feed-forward (its: ReLU) and N(0, 0.02) init;
+# the item embeddings enter unscaled (its code multiplies them by sqrt(d): not better on validation, README);
 # trained with cross-entropy over all items (METHOD.md's choice: distillation needs a full distribution).
 class Block(nn.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + FFN(LN(x)) with FFN d -> ffn -> d."""
