@@ -319,8 +319,8 @@ def load_data(cfg):
 
 # NOTE: deviation: pre-LN blocks as SASRec's paper writes them, x + Dropout(g(LN(x))) (its code normalises only the
 # queries and adds the residual after the LayerNorm), with a GELU feed-forward (its: ReLU) and N(0, 0.02) init;
-# the item embeddings enter unscaled (its code multiplies them by sqrt(d)); each of these three of its ways scores
-# lower on validation with history kept (README). Trained with cross-entropy over all items (METHOD.md's choice:
+# the item embeddings enter unscaled (its code multiplies them by sqrt(d)); each of its three choices scores lower
+# on validation with history kept (README). Trained with cross-entropy over all items (METHOD.md's choice:
 # distillation needs a full distribution).
 class Block(nn.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + FFN(LN(x)) with FFN d -> ffn -> d."""
