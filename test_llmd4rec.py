@@ -70,6 +70,7 @@ def test_no_eval_target_is_a_training_target_of_its_user():
     x, y = d.train_x, d.train_y
     inner = (x[:, 1:] > 0) & (y[:, :-1] > 0)
     assert torch.equal(x[:, 1:][inner], y[:, :-1][inner])
+    assert not torch.equal(L.load_data(L.Config(seed=1)).test_y, L.load_data(L.Config()).test_y)  # data from --seed
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -178,9 +179,20 @@ def test_from_pretrained_with_lora(tmp_path):
     assert sum(isinstance(m, L.LoRALinear) for m in llm.modules()) == 2 * 4  # 2 layers x q, k, v, o
     assert llm.prompt_ids.tolist() == prompt_ids  # the model's own tokenizer
     assert llm.hidden(torch.tensor([[0, 1, 2]])).shape == (1, 3, 32)
+    # checkpoints hold what training changes, not the pretrained weights (reloaded from --llm)
+    frozen, saved = {n for n, p in llm.named_parameters() if not p.requires_grad}, set(L.trained_state(llm))
+    assert frozen and not frozen & saved and {"W_in.weight", "W_out.weight", "E_c"} <= saved
     # a pretrained backbone trains at E4SRec's learning rate unless told otherwise
     L.run(dataclasses.replace(cfg, rounds=0, crm_epochs=1, llm_epochs=1))
     assert json.load(open(os.path.join(cfg.out, "config.json")))["llm_lr"] == 3e-4
+
+
+def test_lora_adds_alpha_over_r_times_b_a():
+    base = torch.nn.Linear(6, 4)
+    lora = L.LoRALinear(base, r=2, alpha=8.0, dropout=0.0)
+    torch.nn.init.normal_(lora.B)  # B starts at 0; give it weights
+    x = torch.randn(3, 6)
+    assert torch.allclose(lora(x), base(x) + 4.0 * x @ lora.A.T @ lora.B.T, atol=1e-6)
 
 
 def test_a_backbone_without_the_cache_argument_is_refused(tmp_path, monkeypatch):
@@ -331,6 +343,17 @@ def test_excluded_protocol_removes_the_whole_history_but_not_the_target():
     assert r["excluded"].tolist() == [0, 2]  # user 0: 9 and 10 removed, the target kept
 
 
+def test_evaluation_ranks_belong_to_their_users(tmp_path):
+    _, crm, _ = small_models(tmp_path)  # 20 items, max_len 10
+    g = torch.Generator().manual_seed(0)
+    x = L.left_pad([torch.randint(1, 21, (n,), generator=g).tolist() for n in (7, 1, 12, 3, 3, 9, 2)])
+    y = torch.randint(1, 21, (7,), generator=g)
+    together = L.evaluate(crm, x, y, max_len=10, batch=3)  # sorted by length, three users at a time
+    for i in range(len(y)):
+        alone = L.evaluate(crm, x[i:i + 1], y[i:i + 1], max_len=10)
+        assert all(together[p][i] == alone[p][0] for p in L.PROTOCOLS), i
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -412,7 +435,17 @@ def test_training_distills_both_ways_with_the_papers_weights_and_soft_tokens(tmp
     sasrec, crm1 = stages[0]["item_emb"], stages[3]["item_emb"]
     assert torch.equal(stages[1]["E_c"], sasrec) and torch.equal(stages[2]["E_c"], sasrec)
     assert torch.equal(stages[4]["E_c"], crm1) and not torch.equal(crm1, sasrec)
-    assert 0 <= res["rounds"][3]["epochs"][0]["teacher_better"] <= 1
+    ties = 0  # teacher_better: the share of an epoch's samples whose teacher ranks the target strictly better
+    for stage in res["rounds"][2:]:
+        mine = [c for c in calls if c[0] == (stage["round"], stage["stage"])]
+        n = len(mine) // len(stage["epochs"])  # loss calls per epoch: the same batches every epoch
+        assert n * len(stage["epochs"]) == len(mine)
+        for e, epoch in enumerate(stage["epochs"]):
+            r = [(rank_of(s, y), rank_of(t, y)) for _, s, t, y, _, _ in mine[e * n:(e + 1) * n]]
+            better = sum(int((r_t < r_s).sum()) for r_s, r_t in r) / sum(len(r_s) for r_s, _ in r)
+            assert epoch["teacher_better"] == pytest.approx(better, abs=1e-9), stage["stage"]
+            ties += sum(int((r_t == r_s).sum()) for r_s, r_t in r)
+    assert ties > 100
 
 
 def test_ablations_no_weight_and_no_id_update(tmp_path, monkeypatch):
@@ -490,7 +523,7 @@ def test_the_reported_rounds_are_chosen_on_validation():
 
 
 def test_a_diverged_epoch_is_never_kept(monkeypatch):
-    cfg = L.Config(d=16, patience=1)
+    cfg = L.Config(d=16, patience=2)
     data = L.load_data(cfg)
     crm = L.SASRec(data.num_items, cfg)
     before = {k: v.clone() for k, v in crm.state_dict().items()}
@@ -503,10 +536,33 @@ def test_a_diverged_epoch_is_never_kept(monkeypatch):
         return out
 
     monkeypatch.setattr(L, "backward", nan_gradients)
-    log = L.train_stage(crm, None, data, cfg, torch.device("cpu"), lr=1e-3, epochs=1, tag=(0, "SASRec"),
+    log = L.train_stage(crm, None, data, cfg, torch.device("cpu"), lr=1e-3, epochs=5, tag=(0, "SASRec"),
                         gen=torch.Generator().manual_seed(0))
+    assert len(log) == cfg.patience  # stopped after `patience` epochs without a better validation NDCG@10
     assert math.isnan(log[0]["loss"]) and log[0]["valid"]["HR@20"] == 0
     assert all(torch.equal(before[k], v) for k, v in crm.state_dict().items())  # the starting weights, not NaN
+
+
+def test_a_warm_started_stage_keeps_its_start_unless_an_epoch_beats_it(monkeypatch):
+    cfg = L.Config(d=16, patience=1)
+    data, dev, gen = L.load_data(cfg), torch.device("cpu"), torch.Generator().manual_seed(0)
+    crm = L.SASRec(data.num_items, cfg)
+    L.train_stage(crm, None, data, cfg, dev, lr=1e-2, epochs=10, tag=(0, "SASRec"), gen=gen)
+    start, real = {k: v.clone() for k, v in crm.state_dict().items()}, L.backward
+    start_ndcg = L.metrics(L.evaluate(crm, data.valid_x, data.valid_y, cfg.max_len)["kept"])["NDCG@10"]
+
+    def random_steps(student, *a):  # every epoch ends worse than the trained start
+        out = real(student, *a)
+        for p in student.parameters():
+            p.grad = torch.randn_like(p)
+        return out
+
+    monkeypatch.setattr(L, "backward", random_steps)
+    for tag in ((1, "CRM"), (0, "SASRec")):  # a round's stage starts from trained weights; round 0 from scratch
+        crm.load_state_dict(start)
+        log = L.train_stage(crm, None, data, cfg, dev, lr=0.05, epochs=1, tag=tag, gen=gen)
+        assert log[0]["valid"]["NDCG@10"] < start_ndcg - 0.1
+        assert all(torch.equal(start[k], v) for k, v in crm.state_dict().items()) == (tag[0] > 0), tag
 
 
 def test_chunked_logits_give_the_same_gradient(monkeypatch):
@@ -564,9 +620,42 @@ def test_teacher_ranks_and_entropy_kept_from_the_first_epoch_train_the_same(monk
         assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k
 
 
-def test_sampled_candidates_train_and_rank_the_target(tmp_path):
-    res = L.run(cfg_for(tmp_path, num_candidates=10, rounds=1, crm_epochs=8, llm_epochs=1))
+def test_sampled_candidates_train_and_rank_the_target(tmp_path, monkeypatch):
+    _, calls = record_training(monkeypatch)
+    seen, real = [], L.objective
+
+    def spy(student, h, tidx, cand, *rest):
+        seen.append((tidx, cand))
+        return real(student, h, tidx, cand, *rest)
+
+    monkeypatch.setattr(L, "objective", spy)
+    cfg = cfg_for(tmp_path, num_candidates=10, rounds=1, crm_epochs=8, llm_epochs=1)
+    res = L.run(cfg)
     assert res["models"]["SASRec"]["test"]["kept"]["HR@10"] > 0.3  # full-ranking evaluation still works
+    for tidx, cand in seen:  # the target first, then 10 other items
+        assert cand.shape == (len(tidx), 11) and (tidx == 0).all() and (cand[:, 1:] != cand[:, :1]).all()
+    negatives = torch.cat([cand[:, 1:].flatten() for _, cand in seen]).unique()
+    assert negatives.tolist() == list(range(1, L.load_data(cfg).num_items + 1))  # every item can be drawn
+    assert {tag for tag, *_ in calls} == {(1, "LLM"), (1, "CRM")}
+    for tag, s, t, y, c, _ in calls:  # w from the ranks among each step's own candidates, in every epoch
+        assert torch.allclose(c, w2(rank_of(s, y), rank_of(t, y)) if tag[1] == "CRM" else w1(rank_of(t, y),
+                                                                                               rank_of(s, y))), tag
+
+
+def test_exclude_seen_selects_with_the_history_excluded(tmp_path, monkeypatch):
+    protocols, real = [], L.select_best
+    monkeypatch.setattr(L, "select_best", lambda res, protocol: protocols.append(protocol) or real(res, protocol))
+    res = L.run(cfg_for(tmp_path, exclude_seen=True, crm_epochs=4, llm_epochs=2))
+    assert set(protocols) == {"excluded"} and "selection: excluded" in res["protocol"]
+    for stage in res["rounds"][:2]:  # early stopping read the excluded protocol: its best epoch is what was kept
+        best = max(e["valid"]["NDCG@10"] for e in stage["epochs"])
+        assert best == stage["valid"]["excluded"]["NDCG@10"] != stage["valid"]["kept"]["NDCG@10"], stage["stage"]
+
+
+def test_a_failed_save_leaves_no_file(tmp_path):
+    with pytest.raises(Exception):
+        L.save_atomic({"f": lambda: 0}, str(tmp_path / "x.pt"))  # a lambda cannot be pickled
+    assert os.listdir(tmp_path) == []
 
 
 def test_existing_results_are_not_overwritten(tmp_path):
@@ -677,26 +766,32 @@ def numbers(line):
 
 def test_report_means_and_paired_bootstrap_intervals(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    runs = []
+    runs, per_user = [], []
     for seed in range(2):
         base = rng.integers(0, 40, 3000)
         better = np.where(rng.random(3000) < 0.3, base // 4, base)  # a clear gain
         same = np.where(rng.random(3000) < 0.5, base, rng.permutation(base))  # no gain on average
         runs.append(str(tmp_path / f"s{seed}"))
         fake_run(runs[-1], {"SASRec": base, "LLMD4Rec_C": better, "E4SRec": base, "LLMD4Rec_L": same})
+        ndcg10 = [np.where(r < 10, 1 / np.log2(r + 2.0), 0) for r in (better, base, same)]
+        per_user.append((ndcg10[0] - ndcg10[1], ndcg10[2] - ndcg10[1]))
     assert L.main(["--report"] + runs) == 0
     out = capsys.readouterr().out
     res = [json.load(open(os.path.join(r, "results.json"))) for r in runs]
     ndcg = [r["models"]["LLMD4Rec_C"]["test"]["kept"]["NDCG@10"] for r in res]
     assert f"| LLMD4Rec_C | " in out and f"{np.mean(ndcg):.4f} ± {np.std(ndcg, ddof=1):.4f}" in out
-    for r, folder in zip(res, runs):
+    widths = []  # each interval's width over the normal approximation's, +-1.96 standard errors of the mean gain
+    for r, folder, diffs in zip(res, runs, per_user):
         line = next(l for l in out.splitlines() if l.startswith(f"| LLMD4Rec_C - SASRec | {folder} |"))
         gain = r["models"]["LLMD4Rec_C"]["test"]["kept"]["NDCG@10"] - r["models"]["SASRec"]["test"]["kept"]["NDCG@10"]
         value, lo, hi = numbers(line)
         assert value == pytest.approx(gain, abs=1e-4) and 0 < lo < value < hi  # a real gain: the interval excludes 0
+        widths.append((hi - lo) / (2 * 1.96 * diffs[0].std(ddof=1) / math.sqrt(len(diffs[0]))))
         line = next(l for l in out.splitlines() if l.startswith(f"| LLMD4Rec_L - E4SRec | {folder} |"))
         value, lo, hi = numbers(line)
         assert lo < value < hi and hi - lo > 0.005
+        widths.append((hi - lo) / (2 * 1.96 * diffs[1].std(ddof=1) / math.sqrt(len(diffs[1]))))
+    assert np.mean(widths) == pytest.approx(1, abs=0.06)  # 95% intervals (90% ones: about 0.84)
     assert L.main(["--report", str(tmp_path / "nothing")]) == 2
 
 
@@ -747,6 +842,8 @@ def test_bad_data_is_one_line_before_anything_is_written(tmp_path, capsys):
 
 BAD = [  # (extra flags, exact error message); {out} and {tmp} are filled in
     (["--T1", "0"], "--crm-lr, --T1 and --T2 must be > 0"),
+    (["--crm-lr", "0"], "--crm-lr, --T1 and --T2 must be > 0"),
+    (["--llm-epochs", "0"], "--rounds > 0 needs an LLM stage (--llm-epochs >= 1)"),
     (["--rounds", "-1"], "--rounds must be >= 0"),
     (["--lambda2", "-0.5"], "--lambda2 must be >= 0"),
     (["--T2", "nan"], "--T2 must be a finite number"),  # passes every comparison
@@ -864,8 +961,9 @@ def test_named_dataset_download_verify_and_cache(tmp_path, monkeypatch):
 
 
 def test_ablation_from_saved_baselines_equals_a_full_run(tmp_path, small_run):
-    first, first_res = small_run  # the same data and model flags, without --no-weight
-    cfg = dataclasses.replace(first, no_weight=True, out=str(tmp_path / "full"))
+    first, first_res = small_run  # the same data and model flags; every other flag changed
+    cfg = dataclasses.replace(first, rounds=2, T1=2.0, T2=0.5, lambda1=0.5, lambda2=2.0, direction="up",
+                              no_weight=True, no_id_update=True, out=str(tmp_path / "full"))
     full = L.run(cfg)
     assert first_res["models"]["SASRec"] == full["models"]["SASRec"]  # a seeded run repeats its round 0
     baselines = os.path.join(first.out, "baselines.pt")
