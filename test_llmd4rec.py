@@ -46,7 +46,7 @@ def test_both_formats_give_the_same_sequences(tmp_path):
 
 def test_split_leave_one_out_and_remapping(tmp_path):
     seqs = {1: [100, 200, 300, 400, 500], 2: [300, 100], 3: [500, 400, 300]}
-    d = L.split(seqs, max_len=3, name="toy")
+    d = L.split(seqs, max_len=2, name="toy")
     assert (d.num_users, d.num_items, d.num_interactions) == (3, 5, 10)
     # ids remapped in sorted order: 100->1 ... 500->5
     assert d.items == [100, 200, 300, 400, 500]
@@ -122,6 +122,16 @@ def test_causal_and_padding_invariant(tmp_path, which):
     assert torch.allclose(model.hidden(padded)[0, 4:], h[0, 2:], atol=1e-5)
 
 
+def test_llm_dropout_on_the_soft_tokens_and_the_tiny_decoders_attention(tmp_path):
+    cfg = cfg_for(tmp_path, llm_dropout=0.5)
+    llm = L.build_llm(cfg, L.SASRec(20, cfg), 20)
+    assert llm.backbone.config.attention_dropout == 0.5
+    seq = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    llm.train().backbone.eval()  # the soft tokens' dropout alone
+    assert not torch.allclose(llm.hidden(seq), llm.hidden(seq))
+    assert torch.equal(llm.eval().hidden(seq), llm.hidden(seq))
+
+
 def test_scores_cover_all_items_and_candidates(tmp_path):
     _, crm, llm = small_models(tmp_path)
     seq = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
@@ -193,6 +203,9 @@ def test_lora_adds_alpha_over_r_times_b_a():
     torch.nn.init.normal_(lora.B)  # B starts at 0; give it weights
     x = torch.randn(3, 6)
     assert torch.allclose(lora(x), base(x) + 4.0 * x @ lora.A.T @ lora.B.T, atol=1e-6)
+    lora = L.LoRALinear(base, r=2, alpha=8.0, dropout=0.5)  # --lora-dropout: on the adapter's input, in training
+    torch.nn.init.normal_(lora.B)
+    assert not torch.allclose(lora(x), lora(x)) and torch.equal(lora.eval()(x), lora(x))
 
 
 def test_a_backbone_without_the_cache_argument_is_refused(tmp_path, monkeypatch):
@@ -386,7 +399,7 @@ def record_training(monkeypatch):
     real_stage, real_loss = L.train_stage, L.distill_ce
 
     def stage(student, teacher, data, cfg, dev, **kw):
-        entry = {"tag": kw["tag"], "teacher": teacher, "E_c": getattr(student, "E_c", torch.zeros(0)).clone()}
+        entry = {"tag": kw["tag"], "lr": kw["lr"], "teacher": teacher, "E_c": getattr(student, "E_c", torch.zeros(0)).clone()}
         stages.append(entry)
         log = real_stage(student, teacher, data, cfg, dev, **kw)
         if isinstance(student, L.SASRec):
@@ -420,6 +433,7 @@ def test_training_distills_both_ways_with_the_papers_weights_and_soft_tokens(tmp
     res = L.run(cfg)
     assert [s["tag"] for s in stages] == [(0, "SASRec"), (0, "E4SRec"), (1, "LLM"), (1, "CRM"), (2, "LLM"), (2, "CRM")]
     assert [s["teacher"] is not None for s in stages] == [False, False, True, True, True, True]
+    assert [s["lr"] for s in stages] == [cfg.crm_lr, 5e-4, 5e-4, cfg.crm_lr, 5e-4, cfg.crm_lr]  # tiny LLM: 5e-4
     assert {c[0] for c in calls} == {(1, "LLM"), (1, "CRM"), (2, "LLM"), (2, "CRM")}  # L_down and L_up, each round
     not_one = 0
     for tag, s, t, target, c, T in calls:
