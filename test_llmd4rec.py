@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -189,6 +190,8 @@ def test_from_pretrained_with_lora(tmp_path):
     assert sum(isinstance(m, L.LoRALinear) for m in llm.modules()) == 2 * 4  # 2 layers x q, k, v, o
     assert llm.prompt_ids.tolist() == prompt_ids  # the model's own tokenizer
     assert llm.hidden(torch.tensor([[0, 1, 2]])).shape == (1, 3, 32)
+    with pytest.raises(L.UserError, match="--lora-targets nothing: no such nn.Linear modules"):
+        L.build_llm(dataclasses.replace(cfg, lora_targets="nothing"), crm, 20)
     # checkpoints hold what training changes, not the pretrained weights (reloaded from --llm)
     frozen, saved = {n for n, p in llm.named_parameters() if not p.requires_grad}, set(L.trained_state(llm))
     assert frozen and not frozen & saved and {"W_in.weight", "W_out.weight", "E_c"} <= saved
@@ -223,6 +226,7 @@ def test_unloadable_llm_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(L.socket, "create_connection", lambda *a, **k: pytest.fail("offline, yet the hub was tried"))
     cfg = cfg_for(tmp_path, llm="no-such-org/no-such-model-llmd4rec")
     with pytest.raises(L.UserError, match="cannot load .*hub is unreachable"):
         L.load_backbone(cfg)
@@ -393,13 +397,14 @@ def test_models_learn_the_synthetic_data_and_a_round_improves_both(tmp_path):
 
 
 def record_training(monkeypatch):
-    """Spy on what training runs: every stage (its teacher, the soft tokens it starts from, the embeddings it ends
-    with) and every call of the loss (student logits, teacher logits, targets, the weight c = lambda * w, T)."""
+    """Spy on what training runs: every stage (its rate, its teacher, the soft tokens it starts from, the embeddings it
+    ends with) and every call of the loss (student logits, teacher logits, targets, the weight c = lambda * w, T)."""
     stages, calls = [], []
     real_stage, real_loss = L.train_stage, L.distill_ce
 
     def stage(student, teacher, data, cfg, dev, **kw):
-        entry = {"tag": kw["tag"], "lr": kw["lr"], "teacher": teacher, "E_c": getattr(student, "E_c", torch.zeros(0)).clone()}
+        entry = {"tag": kw["tag"], "lr": kw["lr"], "teacher": teacher,
+                 "E_c": getattr(student, "E_c", torch.zeros(0)).clone()}
         stages.append(entry)
         log = real_stage(student, teacher, data, cfg, dev, **kw)
         if isinstance(student, L.SASRec):
@@ -716,7 +721,9 @@ def test_cli_end_to_end(tmp_path, capsys):
             assert set(res["models"][name][split]) == {"kept", "excluded"}
             assert all(set(res["models"][name][split][p]) == keys for p in ("kept", "excluded"))
     assert res["dataset"]["name"] == "synthetic" and res["dataset"]["items"] == 120
-    assert "round 0 SASRec" in res["timing"]
+    timing, epochs = res["timing"]["round 0 SASRec"], res["rounds"][0]["epochs"]
+    assert timing["epochs"] == len(epochs) and timing["seconds_per_epoch"] == pytest.approx(
+        np.mean([e["seconds"] for e in epochs]))
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["d"] == 16 and resolved["llm_lr"] == 5e-4  # the tiny LLM's rate, chosen on Beauty validation
     assert "test, history kept" in p.stdout and "test, history excluded" in p.stdout
@@ -731,13 +738,17 @@ def test_evaluate_reloads_the_reported_models_and_their_numbers(tmp_path, capsys
     saved = torch.load(os.path.join(cfg.out, "models.pt"), weights_only=False)
     assert set(saved["models"]) == set(L.MODELS) and saved["items"] == L.load_data(cfg).items
     ranks = np.load(os.path.join(cfg.out, "ranks.npz"))
+    assert [res["models"][n]["valid"] for n in ("SASRec", "E4SRec")] == [s["valid"] for s in res["rounds"][:2]]
     assert L.main(["--evaluate", cfg.out]) == 0
+    for p, table in zip(L.PROTOCOLS, capsys.readouterr().out.split("test, history excluded")):  # the printed tables
+        row = next(l.split() for l in table.splitlines() if l.strip().startswith("NDCG@10"))
+        assert [float(v) for v in row[1:]] == pytest.approx([res["models"][n]["test"][p]["NDCG@10"] for n in L.MODELS],
+                                                            abs=2e-4)
     again = L.evaluate_run(cfg.out)
     for name in L.MODELS:
         for p in L.PROTOCOLS:
             assert again["models"][name]["test"][p] == pytest.approx(res["models"][name]["test"][p], abs=1e-4)
             assert L.metrics(ranks[f"{name}/{p}"]) == pytest.approx(res["models"][name]["test"][p], abs=1e-12)
-    assert "test, history kept" in capsys.readouterr().out
     # the README's example: LLMD4Rec_C's top 10 for a history of the dataset's own item ids
     cfg, items, models = L.load_models(cfg.out)
     row = {item: j + 1 for j, item in enumerate(items)}
@@ -765,23 +776,25 @@ def test_a_run_from_before_crm_ffn_reloads_with_its_ffn_d(tmp_path):
 
 
 def fake_run(folder, ranks):
-    """A finished run's results.json and ranks.npz from given test ranks {model: (U,)}, the same for both protocols."""
+    """A finished run's results.json and ranks.npz from given test ranks {model: (U,)} with history kept; excluding
+    the history halves each rank."""
     os.makedirs(folder)
-    models = {n: {"round": 0, "test": {p: L.metrics(r) for p in L.PROTOCOLS}} for n, r in ranks.items()}
+    ranks = {n: {"kept": r, "excluded": r // 2} for n, r in ranks.items()}
+    models = {n: {"round": 0, "test": {p: L.metrics(r[p]) for p in L.PROTOCOLS}} for n, r in ranks.items()}
     with open(os.path.join(folder, "results.json"), "w") as fh:
         json.dump({"models": models}, fh)
-    np.savez(os.path.join(folder, "ranks.npz"), **{f"{n}/{p}": r for n, r in ranks.items() for p in L.PROTOCOLS})
+    np.savez(os.path.join(folder, "ranks.npz"), **{f"{n}/{p}": r[p] for n, r in ranks.items() for p in L.PROTOCOLS})
 
 
-def numbers(line):
-    """The NDCG@10 cell of a gain line: gain [low, high]."""
-    return [float(v) for v in line.split("|")[4].replace("[", " ").replace(",", " ").replace("]", " ").split()]
+def numbers(line, column=4):
+    """A cell of a gain line, NDCG@10 by default (3: HR@10): gain [low, high]."""
+    return [float(v) for v in line.split("|")[column].replace("[", " ").replace(",", " ").replace("]", " ").split()]
 
 
 def test_report_means_and_paired_bootstrap_intervals(tmp_path, capsys):
     rng = np.random.default_rng(0)
     runs, per_user = [], []
-    for seed in range(2):
+    for seed in range(3):
         base = rng.integers(0, 40, 3000)
         better = np.where(rng.random(3000) < 0.3, base // 4, base)  # a clear gain
         same = np.where(rng.random(3000) < 0.5, base, rng.permutation(base))  # no gain on average
@@ -790,22 +803,29 @@ def test_report_means_and_paired_bootstrap_intervals(tmp_path, capsys):
         ndcg10 = [np.where(r < 10, 1 / np.log2(r + 2.0), 0) for r in (better, base, same)]
         per_user.append((ndcg10[0] - ndcg10[1], ndcg10[2] - ndcg10[1]))
     assert L.main(["--report"] + runs) == 0
-    out = capsys.readouterr().out
+    kept, excluded = capsys.readouterr().out.split("test, history excluded")
     res = [json.load(open(os.path.join(r, "results.json"))) for r in runs]
-    ndcg = [r["models"]["LLMD4Rec_C"]["test"]["kept"]["NDCG@10"] for r in res]
-    assert f"| LLMD4Rec_C | " in out and f"{np.mean(ndcg):.4f} ± {np.std(ndcg, ddof=1):.4f}" in out
     widths = []  # each interval's width over the normal approximation's, +-1.96 standard errors of the mean gain
-    for r, folder, diffs in zip(res, runs, per_user):
-        line = next(l for l in out.splitlines() if l.startswith(f"| LLMD4Rec_C - SASRec | {folder} |"))
-        gain = r["models"]["LLMD4Rec_C"]["test"]["kept"]["NDCG@10"] - r["models"]["SASRec"]["test"]["kept"]["NDCG@10"]
-        value, lo, hi = numbers(line)
-        assert value == pytest.approx(gain, abs=1e-4) and 0 < lo < value < hi  # a real gain: the interval excludes 0
-        widths.append((hi - lo) / (2 * 1.96 * diffs[0].std(ddof=1) / math.sqrt(len(diffs[0]))))
-        line = next(l for l in out.splitlines() if l.startswith(f"| LLMD4Rec_L - E4SRec | {folder} |"))
-        value, lo, hi = numbers(line)
-        assert lo < value < hi and hi - lo > 0.005
-        widths.append((hi - lo) / (2 * 1.96 * diffs[1].std(ddof=1) / math.sqrt(len(diffs[1]))))
+    for p, out in (("kept", kept), ("excluded", excluded)):
+        ndcg = [r["models"]["LLMD4Rec_C"]["test"][p]["NDCG@10"] for r in res]
+        assert f"| LLMD4Rec_C | " in out and f"{np.mean(ndcg):.4f} ± {np.std(ndcg, ddof=1):.4f}" in out
+        for r, folder, diffs in zip(res, runs, per_user):
+            lines = [next(l for l in out.splitlines() if l.startswith(f"| {g} | {folder} |"))
+                     for g in ("LLMD4Rec_C - SASRec", "LLMD4Rec_L - E4SRec")]
+            gain = {k: r["models"]["LLMD4Rec_C"]["test"][p][k] - r["models"]["SASRec"]["test"][p][k]
+                    for k in ("HR@10", "NDCG@10")}
+            value, lo, hi = numbers(lines[0])
+            assert value == pytest.approx(gain["NDCG@10"], abs=1e-4) and 0 < lo < value < hi  # the interval excludes 0
+            assert numbers(lines[0], 3)[0] == pytest.approx(gain["HR@10"], abs=1e-4)
+            value, lo, hi = numbers(lines[1])
+            assert lo < value < hi and hi - lo > 0.005
+            if p == "kept":
+                widths += [(numbers(l)[2] - numbers(l)[1]) / (2 * 1.96 * d.std(ddof=1) / math.sqrt(len(d)))
+                           for l, d in zip(lines, diffs)]
     assert np.mean(widths) == pytest.approx(1, abs=0.06)  # 95% intervals (90% ones: about 0.84)
+    fake_run(str(tmp_path / "baselines_only"), {"SASRec": base, "E4SRec": base})
+    assert L.main(["--report", runs[0], str(tmp_path / "baselines_only")]) == 0  # the models every run has
+    assert "| LLMD4Rec_C |" not in capsys.readouterr().out
     assert L.main(["--report", str(tmp_path / "nothing")]) == 2
 
 
@@ -931,6 +951,14 @@ def test_resume_from_the_command_line_takes_the_runs_flags(tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: --resume {out} continues with the flags the run was started with; "
                                        "given otherwise: --d 32 (the run: 16)\n")
     assert not os.path.exists(os.path.join(out, "results.json"))
+    if not torch.cuda.is_available():  # a CUDA run resumed on a machine without CUDA: refused
+        moved = str(tmp_path / "moved")
+        shutil.copytree(out, moved)
+        state = torch.load(os.path.join(moved, "checkpoint.pt"), weights_only=False)
+        state["config"]["device"] = "cuda"
+        torch.save(state, os.path.join(moved, "checkpoint.pt"))
+        assert L.main(["--resume", moved]) == 2
+        assert capsys.readouterr().err == "error: --device cuda: CUDA is not available here\n"
     assert L.main(["--resume", out, "--d", "16"]) == 0
     assert "starting from " + out + " after stage 2 of 4" in capsys.readouterr().out
     assert json.load(open(os.path.join(out, "config.json")))["d"] == 16
@@ -968,6 +996,9 @@ def test_named_dataset_download_verify_and_cache(tmp_path, monkeypatch):
     # cached: the mirror can disappear
     (src / "tiny.txt").unlink()
     assert L.fetch_dataset("tiny") == path
+    (tmp_path / "cache" / "tiny.txt").write_text("1 1 2 3 4\n")  # a cached copy changed since: refused
+    with pytest.raises(L.UserError, match="does not match its pinned sha256"):
+        L.fetch_dataset("tiny")
     # offline with no cached copy: says where to put the file
     os.remove(path)
     with pytest.raises(L.UserError, match=f"cannot download .*put tiny.txt at {path}"):
