@@ -584,6 +584,22 @@ def test_a_warm_started_stage_keeps_its_start_unless_an_epoch_beats_it(monkeypat
         assert all(torch.equal(start[k], v) for k, v in crm.state_dict().items()) == (tag[0] > 0), tag
 
 
+def test_the_logged_loss_is_the_mean_objective_over_the_training_targets():
+    cfg = L.Config(d=16, crm_dropout=0.0, T2=2.0, lambda2=0.5)
+    data, dev = L.load_data(cfg), torch.device("cpu")
+    crm, other = L.SASRec(data.num_items, cfg), L.SASRec(data.num_items, cfg)
+    h, y = L.hidden_at_targets(crm, data.train_x), data.train_y[data.train_y > 0] - 1
+    with torch.no_grad():
+        z, t = crm.score(h), other.score(L.hidden_at_targets(other, data.train_x))
+        w = L.adaptive_weight(L.ranks(z, y), L.ranks(t, y))
+        ce = F.cross_entropy(z, y, reduction="none")
+        want = {"itself": ce.mean(), "another": (ce + 0.5 * w * L.kd_loss(z, t, 2.0)).mean()}
+    for name, model in (("none", None), ("itself", crm), ("another", other)):  # lr 0: the student does not move
+        teacher = None if model is None else L.make_teacher(model, data, cfg.T2, cfg.lambda2, True)
+        log = L.train_stage(crm, teacher, data, cfg, dev, lr=0.0, epochs=1, tag=(1, "CRM"), gen=torch.Generator())
+        assert log[0]["loss"] == pytest.approx(want.get(name, ce.mean()).item(), rel=1e-5), name
+
+
 def test_chunked_logits_give_the_same_gradient(monkeypatch):
     cfg = L.Config(d=32, llm_dim=32, llm_layers=1, llm_heads=2)
     data = L.load_data(cfg)
@@ -684,6 +700,9 @@ def test_existing_results_are_not_overwritten(tmp_path):
     with pytest.raises(L.UserError, match="already holds results.json"):
         L.run(cfg_for(tmp_path))
     assert (out / "results.json").read_text() == '{"mine": 1}'
+    os.replace(out / "results.json", out / "checkpoint.pt")  # a killed run: resumed, not restarted over it
+    with pytest.raises(L.UserError, match="already holds checkpoint.pt; pass --overwrite, --resume"):
+        L.run(cfg_for(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -890,6 +909,9 @@ BAD = [  # (extra flags, exact error message); {out} and {tmp} are filled in
     (["--num-candidates", "120"], "--num-candidates must be < the number of items (120)"),
     (["--data", "{tmp}/missing.txt"], "{tmp}/missing.txt: file not found (expected a dataset file or 'synthetic')"),
     (["--data", "{tmp}/three.txt"], "three.txt: no user has 4 or more items; nothing to train on"),
+    (["--data", "{tmp}/two.txt"], "two.txt: no user has 3 or more items; nothing to validate or test on"),
+    (["--crm-dropout", "1"], "dropouts: in [0, 1)"),
+    (["--lora-dropout", "-0.1"], "dropouts: in [0, 1)"),
     (["--llm", "no-such-org/no-such-model"], None),  # message checked by prefix below
     (["--resume", "{tmp}/out"], "--resume and --overwrite exclude each other"),
     (["--out", "{tmp}/three.txt/run"], "--out {tmp}/three.txt/run: {tmp}/three.txt is a file; expected a folder"),
@@ -902,6 +924,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys, monkeypatch
     import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     (tmp_path / "three.txt").write_text("1 1 2 3\n2 2 3 4\n")
+    (tmp_path / "two.txt").write_text("1 1 2\n2 2 3\n")
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text("earlier results")
@@ -951,6 +974,8 @@ def test_resume_from_the_command_line_takes_the_runs_flags(tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: --resume {out} continues with the flags the run was started with; "
                                        "given otherwise: --d 32 (the run: 16)\n")
     assert not os.path.exists(os.path.join(out, "results.json"))
+    assert L.main(["--resume", out, "--baselines", os.path.join(out, "baselines.pt")]) == 2
+    assert capsys.readouterr().err == "error: --resume and --baselines exclude each other\n"
     if not torch.cuda.is_available():  # a CUDA run resumed on a machine without CUDA: refused
         moved = str(tmp_path / "moved")
         shutil.copytree(out, moved)
