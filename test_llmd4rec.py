@@ -673,8 +673,8 @@ def test_sampled_candidates_train_and_rank_the_target(tmp_path, monkeypatch):
     assert negatives.tolist() == list(range(1, L.load_data(cfg).num_items + 1))  # every item can be drawn
     assert {tag for tag, *_ in calls} == {(1, "LLM"), (1, "CRM")}
     for tag, s, t, y, c, _ in calls:  # w from the ranks among each step's own candidates, in every epoch
-        assert torch.allclose(c, w2(rank_of(s, y), rank_of(t, y)) if tag[1] == "CRM" else w1(rank_of(t, y),
-                                                                                               rank_of(s, y))), tag
+        r_s, r_t = rank_of(s, y), rank_of(t, y)
+        assert torch.allclose(c, w2(r_s, r_t) if tag[1] == "CRM" else w1(r_t, r_s)), tag
 
 
 def test_exclude_seen_selects_with_the_history_excluded(tmp_path, monkeypatch):
@@ -688,8 +688,12 @@ def test_exclude_seen_selects_with_the_history_excluded(tmp_path, monkeypatch):
 
 
 def test_a_failed_save_leaves_no_file(tmp_path):
-    with pytest.raises(Exception):
-        L.save_atomic({"f": lambda: 0}, str(tmp_path / "x.pt"))  # a lambda cannot be pickled
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("cannot be saved")
+
+    with pytest.raises(RuntimeError, match="cannot be saved"):  # the write fails half-way
+        L.save_atomic({"model": Unsaveable()}, str(tmp_path / "x.pt"))
     assert os.listdir(tmp_path) == []
 
 
