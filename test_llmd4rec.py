@@ -83,6 +83,7 @@ def test_no_eval_target_is_a_training_target_of_its_user():
     ("1 2 3\n2 4 --5\n", ":2: expected integer ids, got '--5'"),
     ("1 2 3\n2\n", ":2: user 2 has no items"),
     ("1 2 3\n1 4 5\n", ":2: user 1 appears again (first on line 1)"),
+    ("1 2 3\n1 4\n", ":2: user 1 appears again (first on line 1)"),  # not pairs: one line has three ids
 ])
 def test_bad_data_names_file_and_line(tmp_path, text, expected):
     path = write(tmp_path, text)
@@ -195,6 +196,9 @@ def test_from_pretrained_with_lora(tmp_path):
     # checkpoints hold what training changes, not the pretrained weights (reloaded from --llm)
     frozen, saved = {n for n, p in llm.named_parameters() if not p.requires_grad}, set(L.trained_state(llm))
     assert frozen and not frozen & saved and {"W_in.weight", "W_out.weight", "E_c"} <= saved
+    L.load_trained(llm, L.trained_state(llm))  # the frozen weights stay as loaded; a trained one must be there
+    with pytest.raises(AssertionError, match="W_out.weight"):
+        L.load_trained(llm, {k: v for k, v in L.trained_state(llm).items() if k != "W_out.weight"})
     # a pretrained backbone trains at E4SRec's learning rate unless told otherwise
     L.run(dataclasses.replace(cfg, rounds=0, crm_epochs=1, llm_epochs=1))
     assert json.load(open(os.path.join(cfg.out, "config.json")))["llm_lr"] == 3e-4
@@ -743,7 +747,10 @@ def test_cli_end_to_end(tmp_path, capsys):
         for split in ("valid", "test"):
             assert set(res["models"][name][split]) == {"kept", "excluded"}
             assert all(set(res["models"][name][split][p]) == keys for p in ("kept", "excluded"))
-    assert res["dataset"]["name"] == "synthetic" and res["dataset"]["items"] == 120
+    data = L.load_data(L.Config())
+    assert res["dataset"] == {"name": "synthetic", "users": 600, "items": 120, "interactions": data.num_interactions,
+                              "train_targets": sum(len(s) - 3 for s in L.synthetic_sequences(0).values()),
+                              "eval_users": 600}  # every synthetic user has 6 or more items
     timing, epochs = res["timing"]["round 0 SASRec"], res["rounds"][0]["epochs"]
     assert timing["epochs"] == len(epochs) and timing["seconds_per_epoch"] == pytest.approx(
         np.mean([e["seconds"] for e in epochs]))
@@ -899,6 +906,7 @@ def test_bad_data_is_one_line_before_anything_is_written(tmp_path, capsys):
 
 BAD = [  # (extra flags, exact error message); {out} and {tmp} are filled in
     (["--T1", "0"], "--crm-lr, --T1 and --T2 must be > 0"),
+    (["--T2", "0"], "--crm-lr, --T1 and --T2 must be > 0"),
     (["--crm-lr", "0"], "--crm-lr, --T1 and --T2 must be > 0"),
     (["--llm-epochs", "0"], "--rounds > 0 needs an LLM stage (--llm-epochs >= 1)"),
     (["--rounds", "-1"], "--rounds must be >= 0"),
@@ -908,6 +916,8 @@ BAD = [  # (extra flags, exact error message); {out} and {tmp} are filled in
     (["--max-len", "1"], "--max-len must be >= 2"),
     (["--direction", "sideways"], "--direction must be both, up or down"),
     (["--d", "30", "--crm-heads", "4"], "--d must be divisible by --crm-heads"),
+    (["--llm-dim", "30", "--llm-heads", "4"], "--llm-dim must be divisible by --llm-heads"),
+    (["--device", "gpu"], "--device must be auto, cpu or cuda"),
     (["--llm-heads", "0"], "--llm-heads must be >= 1"),
     (["--llm-dim", "0"], "--llm-dim must be >= 1"),
     (["--num-candidates", "120"], "--num-candidates must be < the number of items (120)"),
