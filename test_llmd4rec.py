@@ -853,6 +853,8 @@ def test_report_means_and_paired_bootstrap_intervals(tmp_path, capsys):
             if p == "kept":
                 widths += [(c[2] - c[1]) / (2 * 1.96 * d.std(ddof=1) / math.sqrt(len(d))) for c, d in zip(cells, diffs)]
     assert np.mean(widths) == pytest.approx(1, abs=0.06)  # 95% intervals (90% ones: about 0.84)
+    assert max(abs(w - 1) for w in widths) < 0.12  # 1000 resamples: each endpoint within a few percent
+    assert L.main(["--report"] + runs) == 0 and capsys.readouterr().out == kept + "test, history excluded" + excluded
     fake_run(str(tmp_path / "baselines_only"), {"SASRec": base, "E4SRec": base})
     assert L.main(["--report", runs[0], str(tmp_path / "baselines_only")]) == 0  # the models every run has
     assert "| LLMD4Rec_C |" not in capsys.readouterr().out
@@ -951,6 +953,20 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, capsys, monkeypatch
     else:
         assert err == f"error: {message.format(tmp=tmp_path)}\n"
     assert os.listdir(out) == ["results.json"] and (out / "results.json").read_text() == "earlier results"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"), (["--patience", "0"], "--patience must be >= 1"),
+    (["--d", "0"], "--d must be >= 1"), (["--crm-blocks", "0"], "--crm-blocks must be >= 1"),
+    (["--crm-heads", "0"], "--crm-heads must be >= 1"), (["--crm-ffn", "0"], "--crm-ffn must be >= 1"),
+    (["--crm-epochs", "0"], "--crm-epochs must be >= 1"), (["--llm-layers", "0"], "--llm-layers must be >= 1"),
+    (["--lora-r", "0"], "--lora-r must be >= 1"), (["--llm-epochs", "-1"], "--llm-epochs must be >= 0"),
+    (["--num-candidates", "-1"], "--num-candidates must be >= 0"), (["--lambda1", "-1"], "--lambda1 must be >= 0"),
+    (["--llm-lr", "-0.0001"], "--llm-lr must be >= 0")])
+def test_every_lower_bound_is_checked(flags, message):
+    with pytest.raises(L.UserError) as e:
+        L.check_config(L.parse_args(flags)[0])
+    assert str(e.value) == message
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
