@@ -92,6 +92,13 @@ def test_bad_data_names_file_and_line(tmp_path, text, expected):
     assert str(e.value).startswith(path) and expected in str(e.value)
 
 
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"1 2 3\n2 4 5\xe9\n")
+    with pytest.raises(L.UserError, match=r"latin1.txt:2: expected integer ids"):
+        L.read_sequences(str(path))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(L.UserError, match="file not found"):
         L.read_sequences(str(tmp_path / "nope.txt"))
@@ -122,6 +129,17 @@ def test_causal_and_padding_invariant(tmp_path, which):
     # more left padding (and a different batch mate) leaves the real positions alone
     padded = torch.tensor([[0, 0, 0, 0, 3, 5, 7, 2, 9, 4], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
     assert torch.allclose(model.hidden(padded)[0, 4:], h[0, 2:], atol=1e-5)
+
+
+def test_llm_reads_the_instruction_then_the_soft_tokens(tmp_path):
+    _, _, llm = small_models(tmp_path)
+    words = L.INSTRUCTION.split()  # the tiny backbone's tokenizer: one id a word, the same word the same id
+    ids = llm.prompt_ids.tolist()
+    assert len(ids) == len(words) and all((a == b) == (v == w) for a, v in zip(ids, words) for b, w in zip(ids, words))
+    seq = torch.tensor([[3, 5, 7, 2]])  # E4SRec's input: [instruction tokens][W_in . E_c[i] ...], in one sequence
+    embeds = torch.cat([llm.backbone.get_input_embeddings()(llm.prompt_ids[None]), llm.W_in(llm.E_c[seq])], 1)
+    whole = llm.backbone(inputs_embeds=embeds).last_hidden_state[:, len(ids):]
+    assert torch.allclose(llm.hidden(seq), whole, atol=1e-5)
 
 
 def test_llm_dropout_on_the_soft_tokens_and_the_tiny_decoders_attention(tmp_path):
