@@ -722,13 +722,12 @@ def test_a_failed_save_leaves_no_file(tmp_path):
 def test_existing_results_are_not_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "results.json").write_text('{"mine": 1}')
-    with pytest.raises(L.UserError, match="already holds results.json"):
-        L.run(cfg_for(tmp_path))
-    assert (out / "results.json").read_text() == '{"mine": 1}'
-    os.replace(out / "results.json", out / "checkpoint.pt")  # a killed run: resumed, not restarted over it
-    with pytest.raises(L.UserError, match="already holds checkpoint.pt; pass --overwrite, --resume"):
-        L.run(cfg_for(tmp_path))
+    for name in ("results.json", "models.pt", "checkpoint.pt"):  # checkpoint.pt: a killed run, resumed, not redone
+        (out / name).write_text('{"mine": 1}')
+        with pytest.raises(L.UserError, match=f"already holds {name}; pass --overwrite, --resume"):
+            L.run(cfg_for(tmp_path))
+        assert os.listdir(out) == [name] and (out / name).read_text() == '{"mine": 1}'
+        (out / name).unlink()
 
 
 @pytest.fixture(scope="module")
@@ -1089,6 +1088,8 @@ def test_ablation_from_saved_baselines_equals_a_full_run(tmp_path, small_run):
     assert ablation["models"] == full["models"]
     with pytest.raises(L.UserError, match=r"flags differ .*baselines.pt: --d 32 \(now 16\)$"):  # other model flags
         L.run(dataclasses.replace(cfg, d=16, out=str(tmp_path / "other"), baselines=baselines))
+    with pytest.raises(L.UserError, match=r"flags differ .*baselines.pt: --seed 0 \(now 1\)$"):  # another seed's
+        L.run(dataclasses.replace(cfg, seed=1, out=str(tmp_path / "other"), baselines=baselines))
     finished = os.path.join(first.out, "checkpoint.pt")  # a finished run's last checkpoint: its rounds are done
     with pytest.raises(L.UserError, match=r"after stage 4 of its run, not after round 0 \(stage 2\); pass that run's"):
         L.run(dataclasses.replace(cfg, out=str(tmp_path / "late"), baselines=finished))
