@@ -152,6 +152,31 @@ def test_llm_dropout_on_the_soft_tokens_and_the_tiny_decoders_attention(tmp_path
     assert torch.equal(llm.eval().hidden(seq), llm.hidden(seq))
 
 
+def test_sasrec_drops_out_at_every_site_in_training_only(tmp_path, monkeypatch):
+    # the input embeddings, the attention, each sublayer's output (the SASRec paper's x + Dropout(g(LN(x)))) and
+    # inside the feed-forward (the original code's)
+    cfg = cfg_for(tmp_path, crm_dropout=0.4, crm_blocks=2)
+    crm, calls, attention_p = L.SASRec(20, cfg), [], []
+    for name, m in crm.named_modules():
+        if isinstance(m, torch.nn.Dropout):
+            assert m.p == 0.4
+            m.register_forward_hook(lambda m, args, out, name=name: calls.append((name, m.training)))
+    sdpa = F.scaled_dot_product_attention
+
+    def attention(*args, **kw):
+        attention_p.append(kw["dropout_p"])
+        return sdpa(*args, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
+    seq = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    crm.train().hidden(seq)
+    block = lambda i: [f"blocks.{i}.drop", f"blocks.{i}.ffn.2", f"blocks.{i}.drop"]
+    assert calls == [(n, True) for n in ["drop"] + block(0) + block(1)] and attention_p == [0.4, 0.4]
+    calls.clear(), attention_p.clear()
+    crm.eval().hidden(seq)
+    assert [t for _, t in calls] == [False] * 7 and attention_p == [0.0, 0.0]
+
+
 def test_scores_cover_all_items_and_candidates(tmp_path):
     _, crm, llm = small_models(tmp_path)
     seq = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
