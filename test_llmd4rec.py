@@ -172,7 +172,8 @@ def test_sasrec_drops_out_at_every_site_in_training_only(tmp_path, monkeypatch):
     crm.train().hidden(seq)
     block = lambda i: [f"blocks.{i}.drop", f"blocks.{i}.ffn.2", f"blocks.{i}.drop"]
     assert calls == [(n, True) for n in ["drop"] + block(0) + block(1)] and attention_p == [0.4, 0.4]
-    calls.clear(), attention_p.clear()
+    calls.clear()
+    attention_p.clear()
     crm.eval().hidden(seq)
     assert [t for _, t in calls] == [False] * 7 and attention_p == [0.0, 0.0]
 
