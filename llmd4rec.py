@@ -643,7 +643,7 @@ class Teacher:
 
 @torch.no_grad()
 def make_teacher(model, data, T, lam, weighted, batch=512):
-    model.eval()
+    model.eval()  # NOTE: deviation: the frozen teacher runs without dropout; the paper does not say
     dev = next(model.parameters()).device
     hidden = torch.cat([hidden_at_targets(model, data.train_x[i:i + batch].to(dev))
                         for i in range(0, len(data.train_x), batch)])
