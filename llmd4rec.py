@@ -70,7 +70,7 @@ class Config:
     device: str = arg("auto", "auto | cpu | cuda (auto picks CUDA when present)")
     max_len: int = arg(50, "history length: only the last max_len items of a history are used")
     exclude_seen: bool = arg(False, "select (early stopping, rounds) with the history excluded; both are reported")
-    batch_size: int = arg(128, "training sequences per batch")
+    batch_size: int = arg(128, "training windows per batch")
     patience: int = arg(3, "early stopping: epochs without a better validation NDCG@10")
     # CRM: SASRec
     d: int = arg(64, "SASRec width (item embedding size d)")
@@ -80,6 +80,8 @@ class Config:
     crm_dropout: float = arg(0.3, "SASRec dropout")
     crm_lr: float = arg(2e-3, "SASRec learning rate (Adam)")
     crm_epochs: int = arg(40, "SASRec epochs per stage, at most (early stopping)")
+    crm_prefixes: bool = arg(False, "SASRec stages train on every prefix of a training sequence, its next item the one "
+                             "target (RecBole's samples), instead of windows; the LLM keeps windows")
     # LLM-centric recommender (E4SRec-style)
     llm: str = arg("tiny", "'tiny' (small random decoder, trained fully) or a Hugging Face name/folder (LoRA)")
     llm_dim: int = arg(128, "tiny backbone: hidden size D")
@@ -243,17 +245,19 @@ class Data:
     num_users: int
     num_items: int
     num_interactions: int
-    train_x: torch.Tensor  # (W, L) input windows, left-padded
-    train_y: torch.Tensor  # (W, L) next-item targets, 0 where there is none
+    train_x: torch.Tensor  # (W, L) input windows (or prefixes), left-padded
+    train_y: torch.Tensor  # (W, L) next-item targets, 0 where there is none (a prefix: its last column only)
     valid_x: torch.Tensor  # (U, H) whole histories for the validation targets; the models read the last max_len
     valid_y: torch.Tensor  # (U,)
     test_x: torch.Tensor   # (U, H) whole histories (including the validation item) for the test targets
     test_y: torch.Tensor   # (U,)
 
 
-def split(seqs, max_len, name):
+def split(seqs, max_len, name, prefixes=False):
     """Remap ids to 1..N and split leave-one-out: last item = test, second-to-last = validation; users with fewer than
-    3 items only train. Every training position predicts its next item, in windows of at most max_len inputs."""
+    3 items only train. Every training position predicts its next item, in windows of at most max_len inputs; or
+    (prefixes) every prefix of a training sequence is a sample, its last max_len items the input, the next item its
+    one target, as RecBole trains SASRec: the same targets, read at the newest position as evaluation reads them."""
     raw_ids = sorted({it for s in seqs.values() for it in s})
     item_ids = {it: i + 1 for i, it in enumerate(raw_ids)}
     train_x, train_y, valid_x, valid_y, test_x, test_y = [], [], [], [], [], []
@@ -264,6 +268,11 @@ def split(seqs, max_len, name):
             valid_x.append(s[:-2]), valid_y.append(s[-2])
             test_x.append(s[:-1]), test_y.append(s[-1])
         inp, tgt = train[:-1], train[1:]
+        if prefixes:
+            for end in range(1, len(train)):
+                x = inp[max(0, end - max_len):end]
+                train_x.append(x), train_y.append([0] * (len(x) - 1) + [tgt[end - 1]])
+            continue
         # NOTE: deviation: SASRec keeps only the last max_len positions of a long sequence; we cut it into
         # windows so that every training position is a target once.
         for end in range(len(inp), 0, -max_len):
@@ -272,6 +281,9 @@ def split(seqs, max_len, name):
         raise UserError(f"{name}: no user has 3 or more items; nothing to validate or test on")
     if not any(train_y):
         raise UserError(f"{name}: no user has 4 or more items; nothing to train on")
+    if prefixes:  # speed only: shortest first, so that a teacher's consecutive rows (make_teacher) pad little
+        order = sorted(range(len(train_x)), key=lambda i: len(train_x[i]))
+        train_x, train_y = [train_x[i] for i in order], [train_y[i] for i in order]
     return Data(name, raw_ids, len(seqs), len(item_ids), sum(len(s) for s in seqs.values()),
                 left_pad(train_x, max_len), left_pad(train_y, max_len), left_pad(valid_x),
                 torch.tensor(valid_y), left_pad(test_x), torch.tensor(test_y))
@@ -306,11 +318,11 @@ def fetch_dataset(name):
     return path
 
 
-def load_data(cfg):
+def load_data(cfg, prefixes=False):
     if cfg.data == "synthetic":
-        return split(synthetic_sequences(cfg.seed), cfg.max_len, "synthetic")
+        return split(synthetic_sequences(cfg.seed), cfg.max_len, "synthetic", prefixes)
     path = fetch_dataset(cfg.data) if cfg.data in DATASETS else cfg.data
-    return split(read_sequences(path), cfg.max_len, os.path.basename(path))
+    return split(read_sequences(path), cfg.max_len, os.path.basename(path), prefixes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -645,7 +657,7 @@ class Teacher:
 def make_teacher(model, data, T, lam, weighted, batch=512):
     model.eval()  # NOTE: deviation: the frozen teacher runs without dropout; the paper does not say
     dev = next(model.parameters()).device
-    hidden = torch.cat([hidden_at_targets(model, data.train_x[i:i + batch].to(dev))
+    hidden = torch.cat([hidden_at_targets(model, data.train_x[i:i + batch].to(dev), data.train_y[i:i + batch].to(dev))
                         for i in range(0, len(data.train_x), batch)])
     return Teacher(model, T, lam, weighted, hidden, torch.zeros(len(hidden), dtype=torch.int32, device=dev),
                    torch.zeros(len(hidden), device=dev))
@@ -663,10 +675,10 @@ def batches(data, size, gen):
             for idx in torch.randperm(len(data.train_x), generator=gen).split(size)]
 
 
-def hidden_at_targets(model, x):
-    """Hidden states at the training targets of windows x (W, L), row by row: every item predicts the next. (M, D)"""
-    x = x[:, first_item_column(x):]
-    return model.hidden(x)[x > 0]
+def hidden_at_targets(model, x, y):
+    """Hidden states at the training targets y > 0 of windows or prefixes x (W, L), row by row. (M, D)"""
+    c = first_item_column(x)
+    return model.hidden(x[:, c:])[y[:, c:] > 0]
 
 
 CHUNK = 2048  # training targets whose (targets x items) logits are held at once
@@ -731,7 +743,8 @@ def train_stage(student, teacher, data, cfg, dev, *, lr, epochs, tag, gen):
                 cand = torch.cat([target[:, None], neg + (neg >= target[:, None]).long()], 1)  # (M, 1+K)
                 tidx = torch.zeros_like(target)
             rows = flat[idx][m].to(dev) if teacher is not None else None
-            h = torch.cat([hidden_at_targets(student, data.train_x[g].to(dev)) for g in groups])  # (M, D)
+            h = torch.cat([hidden_at_targets(student, data.train_x[g].to(dev), data.train_y[g].to(dev))
+                           for g in groups])  # (M, D)
             opt.zero_grad(set_to_none=True)
             loss, n_better = backward(student, h, tidx, cand, teacher, rows)
             opt.step()
@@ -860,6 +873,11 @@ def run(cfg, stop_after=None):
     cfg, state = resume(cfg) if cfg.resume else (cfg, None)
     cfg = dataclasses.replace(cfg, llm_lr=cfg.llm_lr or (5e-4 if cfg.llm == "tiny" else 3e-4))
     data = load_data(cfg)
+    crm_data, crm_cfg = data, cfg  # what the SASRec stages train on, and their batch size
+    if cfg.crm_prefixes:  # a batch of prefixes holds as many targets, on average, as a batch of windows
+        crm_data = load_data(cfg, prefixes=True)
+        crm_cfg = dataclasses.replace(cfg, batch_size=round(cfg.batch_size * crm_data.train_y.count_nonzero().item()
+                                                            / len(data.train_y)))
     if cfg.num_candidates >= data.num_items:
         raise UserError(f"--num-candidates must be < the number of items ({data.num_items})")
     state = prepare_out(cfg) if state is None else state
@@ -895,16 +913,17 @@ def run(cfg, stop_after=None):
         if i < done:
             continue
         t0 = time.time()
-        model, lr, epochs = (crm, cfg.crm_lr, cfg.crm_epochs) if name in ("SASRec", "CRM") else (llm, cfg.llm_lr,
-                                                                                                 cfg.llm_epochs)
+        model, lr, epochs, stage_data, stage_cfg = ((crm, cfg.crm_lr, cfg.crm_epochs, crm_data, crm_cfg)
+                                                     if name in ("SASRec", "CRM")
+                                                     else (llm, cfg.llm_lr, cfg.llm_epochs, data, cfg))
         if name == "E4SRec":  # the E4SRec baseline reads the SASRec baseline's embeddings
             llm.E_c.copy_(crm.item_emb.weight.detach())
         teacher = None
         if name == "LLM" and cfg.direction != "up":  # L_LLM = CE + lambda1 * w1 * L_down, SASRec teaching
             teacher = make_teacher(crm, data, cfg.T1, cfg.lambda1, not cfg.no_weight)
         if name == "CRM" and cfg.direction != "down":  # L_CRM = CE + lambda2 * w2 * L_up, the LLM teaching
-            teacher = make_teacher(llm, data, cfg.T2, cfg.lambda2, not cfg.no_weight)
-        log = train_stage(model, teacher, data, cfg, dev, lr=lr, epochs=epochs, tag=(rnd, name), gen=gen)
+            teacher = make_teacher(llm, crm_data, cfg.T2, cfg.lambda2, not cfg.no_weight)
+        log = train_stage(model, teacher, stage_data, stage_cfg, dev, lr=lr, epochs=epochs, tag=(rnd, name), gen=gen)
         scores, ranks_now = evaluate_splits(model, data, cfg)
         seconds = time.time() - t0
         res["rounds"].append({"round": rnd, "stage": name, **scores, "seconds": seconds, "epochs": log})

@@ -74,6 +74,17 @@ def test_no_eval_target_is_a_training_target_of_its_user():
     assert not torch.equal(L.load_data(L.Config(seed=1)).test_y, L.load_data(L.Config()).test_y)  # data from --seed
 
 
+def test_prefix_samples_hold_the_window_targets_one_a_prefix():
+    seqs = L.synthetic_sequences(0)
+    windows, prefixes = (L.split(seqs, max_len=5, name="syn", prefixes=p) for p in (False, True))
+    assert sorted(prefixes.train_y[prefixes.train_y > 0].tolist()) == sorted(windows.train_y[windows.train_y > 0].tolist())
+    assert (prefixes.train_y[:, :-1] == 0).all() and (prefixes.train_y[:, -1] > 0).all()  # one target, the newest
+    want = sorted((tuple(s[max(0, e - 5):e]), s[e]) for s in seqs.values() for e in range(1, len(s) - 2))
+    got = sorted((tuple(x[x > 0].tolist()), int(y[-1])) for x, y in zip(prefixes.train_x, prefixes.train_y))
+    assert got == want  # every prefix of a training sequence, its last max_len items, its next item
+    assert torch.equal(prefixes.test_x, windows.test_x) and torch.equal(prefixes.valid_y, windows.valid_y)
+
+
 @pytest.mark.parametrize("text, expected", [
     ("", "empty file"),
     ("1 2 3\n2 4 x5\n", ":2: expected integer ids, got 'x5'"),
@@ -575,6 +586,35 @@ def test_a_step_runs_a_plain_batch_in_length_groups(monkeypatch):
     assert torch.allclose(h[got], want_h[want], atol=1e-5)
 
 
+def test_with_prefix_samples_the_llm_teaches_sasrec_at_the_newest_position(tmp_path, monkeypatch):
+    """--crm-prefixes: the SASRec stages train on prefixes, with as many targets a step on average as the LLM's
+    batches of windows; the LLM stages keep windows; the LLM teaches each prefix from its state at the newest
+    position, the one evaluation reads for that history."""
+    cfg = cfg_for(tmp_path, crm_prefixes=True, crm_epochs=1, llm_epochs=1)
+    windows, prefixes = L.load_data(cfg), L.load_data(cfg, prefixes=True)
+    seen, real = [], L.train_stage
+
+    def stage(student, teacher, data, stage_cfg, dev, **kw):
+        if kw["tag"][1] == "CRM":  # before the stage: the rounds' ID update changes the LLM afterwards
+            rows = torch.cat([torch.arange(0, len(data.train_x), 97), torch.arange(len(data.train_x) - 5,
+                                                                                 len(data.train_x))])
+            with torch.no_grad():
+                want = torch.stack([teacher.model.hidden(x[x > 0][None])[0, -1] for x in data.train_x[rows]])
+            assert torch.allclose(teacher.hidden[rows], want, atol=1e-5)  # one teacher row a prefix, in order
+        seen.append((kw["tag"][1], data, stage_cfg.batch_size))
+        return real(student, teacher, data, stage_cfg, dev, **kw)
+
+    monkeypatch.setattr(L, "train_stage", stage)
+    L.run(cfg)
+    assert [s[0] for s in seen] == ["SASRec", "E4SRec", "LLM", "CRM"]
+    per_window = (windows.train_y > 0).sum().item() / len(windows.train_y)
+    assert per_window > 3 and prefixes.train_x.shape[0] > 3 * windows.train_x.shape[0]
+    for name, data, batch in seen:
+        crm = name in ("SASRec", "CRM")
+        assert torch.equal(data.train_x, (prefixes if crm else windows).train_x), name
+        assert batch == pytest.approx(cfg.batch_size * (per_window if crm else 1), rel=0.01), name
+
+
 def test_the_reported_rounds_are_chosen_on_validation():
     def stage(rnd, name, valid, test):
         return {"round": rnd, "stage": name, "valid": {p: {"NDCG@10": valid} for p in L.PROTOCOLS},
@@ -636,9 +676,9 @@ def test_the_logged_loss_is_the_mean_objective_over_the_training_targets():
     cfg = L.Config(d=16, crm_dropout=0.0, T2=2.0, lambda2=0.5)
     data, dev = L.load_data(cfg), torch.device("cpu")
     crm, other = L.SASRec(data.num_items, cfg), L.SASRec(data.num_items, cfg)
-    h, y = L.hidden_at_targets(crm, data.train_x), data.train_y[data.train_y > 0] - 1
+    h, y = L.hidden_at_targets(crm, data.train_x, data.train_y), data.train_y[data.train_y > 0] - 1
     with torch.no_grad():
-        z, t = crm.score(h), other.score(L.hidden_at_targets(other, data.train_x))
+        z, t = crm.score(h), other.score(L.hidden_at_targets(other, data.train_x, data.train_y))
         w = L.adaptive_weight(L.ranks(z, y), L.ranks(t, y))
         ce = F.cross_entropy(z, y, reduction="none")
         want = {"none": ce.mean(), "itself": ce.mean(), "another": (ce + 0.5 * w * L.kd_loss(z, t, 2.0)).mean()}
