@@ -915,7 +915,7 @@ def run(cfg, stop_after=None):
             continue
         t0 = time.time()
         # NOTE: deviation: the paper gives no rates for the rounds; a round's LLM stage, which starts from an LLM at
-        # its validation peak, trains at half the LLM's rate (it won on validation: README, Variants of the method)
+        # its validation peak, trains at half the LLM's rate (selected on validation: README, Variants of the method)
         model, lr, epochs, stage_data, stage_cfg = ((crm, cfg.crm_lr, cfg.crm_epochs, crm_data, crm_cfg)
                                                      if name in ("SASRec", "CRM") else
                                                      (llm, cfg.llm_lr / (2 if rnd else 1), cfg.llm_epochs, data, cfg))
